@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Anything raised as an :class:`ExciteError` is a mistake the user can fix (a wrong path, a bad flag, a
+checkpoint that does not fit). The CLI prints its message as one line on stderr and exits non-zero;
+every other exception is a bug and keeps its traceback.
+"""
+
+
+class ExciteError(Exception):
+    """A problem with the user's input, reported as one line that says what to do."""
+
+
+class UnknownModelError(ExciteError, ValueError):
+    """``create_model`` was given a name that is not registered."""
+
+
+class CheckpointError(ExciteError):
+    """A checkpoint or weights file is missing, unsafe, corrupt or does not fit the model."""
+
+
+class DataError(ExciteError):
+    """The data set cannot be used as given."""
+
+
+class NonFiniteLossError(ExciteError):
+    """Training produced a NaN or infinite loss."""

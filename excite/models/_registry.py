@@ -1,0 +1,49 @@
+"""A tiny model registry: one dict, a decorator that refuses duplicates, and a factory."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Callable
+
+from torch import nn
+
+from excite.errors import UnknownModelError
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a builder under its function name; a second builder with the same name is an error."""
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"a model named {name!r} is already registered")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered models that match a shell-style ``pattern``."""
+    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+
+
+def get_model_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder registered as ``name``; an unknown name raises an error listing close matches."""
+    try:
+        return _MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _MODELS, n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "run `excite models` to list them."
+        raise UnknownModelError(f"unknown model {name!r}: {hint}") from None
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build the registered model ``name``.
+
+    Keyword arguments go to the builder: every model accepts ``num_classes``, ``in_chans`` and
+    ``drop_rate``, and each family adds its own (``growth_rate``, ``attn_layer``...). The model
+    remembers ``model_name`` and ``model_kwargs`` so that a checkpoint can rebuild it.
+    """
+    model = get_model_builder(name)(**kwargs)
+    model.model_name = name
+    model.model_kwargs = dict(kwargs)
+    return model

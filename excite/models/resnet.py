@@ -1,0 +1,246 @@
+"""ResNet (He et al., 2016) and SE-ResNet (Hu et al., 2018) as one family.
+
+SE-ResNet is ResNet with ``attn_layer="se"``: each block applies its attention after its last
+BatchNorm and before the residual add. State-dict names follow torchvision (``layer1.0.bn1``,
+``layer1.0.downsample.0``); the attention layer of a block is ``layer1.0.attn``.
+"""
+from __future__ import annotations
+
+from typing import Type, Union
+
+import torch
+from torch import nn
+
+from excite.models._base import ClassifierModel
+from excite.models._registry import register_model
+from excite.nn.attention import AttnSpec, create_attn
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34 and the CIFAR ResNets)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, attn_layer: AttnSpec = None):
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.attn = create_attn(attn_layer, out_channels)
+        self.downsample = _shortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.attn(self.bn2(self.conv2(out)))
+        return self.relu(out + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride, as torchvision's "ResNet v1.5"), 1x1 expand by 4."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, attn_layer: AttnSpec = None):
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.attn = create_attn(attn_layer, out_channels)
+        self.downsample = _shortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.attn(self.bn3(self.conv3(out)))
+        return self.relu(out + shortcut)
+
+
+def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
+    """Projection (1x1 conv + BN) where the shape changes, identity otherwise."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+Block = Type[Union[BasicBlock, Bottleneck]]
+
+
+class ResNet(ClassifierModel):
+    """ResNet for ImageNet-size (``stem="imagenet"``: 7x7/2 conv + max pool) or 32x32 inputs
+    (``stem="cifar"``: one 3x3 conv).
+
+    Args:
+        block: ``BasicBlock`` or ``Bottleneck``.
+        layers: number of blocks in each stage.
+        widths: planes of each stage; stages after the first halve the resolution.
+        drop_rate: dropout before the classifier.
+        attn_layer: attention name ("se", "eca", "cbam"...) or layer class, applied in every block.
+    """
+
+    def __init__(
+        self,
+        block: Block = Bottleneck,
+        layers: tuple[int, ...] = (3, 4, 6, 3),
+        widths: tuple[int, ...] = (64, 128, 256, 512),
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        stem: str = "imagenet",
+        attn_layer: AttnSpec = None,
+    ):
+        if isinstance(block, str):
+            block = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        num_features = widths[-1] * block.expansion
+        super().__init__(num_classes, num_features, head_drop=drop_rate)
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_chans, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        elif stem == "cifar":
+            self.conv1 = nn.Conv2d(in_chans, widths[0], kernel_size=3, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+
+        channels = widths[0]
+        for i, (num_blocks, planes) in enumerate(zip(layers, widths)):
+            stage = []
+            for j in range(num_blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                stage.append(block(channels, planes, stride, attn_layer=attn_layer))
+                channels = planes * block.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+        self.num_stages = len(layers)
+        self.fc = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return x
+
+
+def _resnet(defaults: dict, kwargs: dict) -> ResNet:
+    return ResNet(**{**defaults, **kwargs})
+
+
+def _se(kwargs: dict) -> dict:
+    return {"attn_layer": "se", **kwargs}
+
+
+# ImageNet ResNets (He et al., Table 1).
+@register_model
+def resnet18(**kwargs) -> ResNet:
+    return _resnet(dict(block=BasicBlock, layers=(2, 2, 2, 2)), kwargs)
+
+
+@register_model
+def resnet34(**kwargs) -> ResNet:
+    return _resnet(dict(block=BasicBlock, layers=(3, 4, 6, 3)), kwargs)
+
+
+@register_model
+def resnet50(**kwargs) -> ResNet:
+    return _resnet(dict(block=Bottleneck, layers=(3, 4, 6, 3)), kwargs)
+
+
+@register_model
+def resnet101(**kwargs) -> ResNet:
+    return _resnet(dict(block=Bottleneck, layers=(3, 4, 23, 3)), kwargs)
+
+
+@register_model
+def resnet152(**kwargs) -> ResNet:
+    return _resnet(dict(block=Bottleneck, layers=(3, 8, 36, 3)), kwargs)
+
+
+@register_model
+def se_resnet18(**kwargs) -> ResNet:
+    return resnet18(**_se(kwargs))
+
+
+@register_model
+def se_resnet34(**kwargs) -> ResNet:
+    return resnet34(**_se(kwargs))
+
+
+@register_model
+def se_resnet50(**kwargs) -> ResNet:
+    return resnet50(**_se(kwargs))
+
+
+@register_model
+def se_resnet101(**kwargs) -> ResNet:
+    return resnet101(**_se(kwargs))
+
+
+@register_model
+def se_resnet152(**kwargs) -> ResNet:
+    return resnet152(**_se(kwargs))
+
+
+# CIFAR ResNets (He et al., Sec. 4.2; the SENet paper's Table 4): three stages of 16/32/64 planes,
+# depth 6n+2 with basic blocks, 9n+2 with bottlenecks (ResNet-164). Shortcuts are 1x1 projections.
+def _resnet_cifar(block: Block, n: int, kwargs: dict) -> ResNet:
+    return _resnet(dict(block=block, layers=(n, n, n), widths=(16, 32, 64), stem="cifar", num_classes=10), kwargs)
+
+
+@register_model
+def resnet20_cifar(**kwargs) -> ResNet:
+    return _resnet_cifar(BasicBlock, 3, kwargs)
+
+
+@register_model
+def resnet56_cifar(**kwargs) -> ResNet:
+    return _resnet_cifar(BasicBlock, 9, kwargs)
+
+
+@register_model
+def resnet110_cifar(**kwargs) -> ResNet:
+    return _resnet_cifar(BasicBlock, 18, kwargs)
+
+
+@register_model
+def resnet164_cifar(**kwargs) -> ResNet:
+    return _resnet_cifar(Bottleneck, 18, kwargs)
+
+
+@register_model
+def se_resnet20_cifar(**kwargs) -> ResNet:
+    return resnet20_cifar(**_se(kwargs))
+
+
+@register_model
+def se_resnet56_cifar(**kwargs) -> ResNet:
+    return resnet56_cifar(**_se(kwargs))
+
+
+@register_model
+def se_resnet110_cifar(**kwargs) -> ResNet:
+    return resnet110_cifar(**_se(kwargs))
+
+
+@register_model
+def se_resnet164_cifar(**kwargs) -> ResNet:
+    return resnet164_cifar(**_se(kwargs))
