@@ -1,0 +1,251 @@
+"""The ``excite`` command. Thin: it parses flags into the same objects the Python API takes.
+
+User mistakes (``ExciteError``) print one line on stderr and exit with status 2; ``--debug`` shows
+the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+from excite.errors import ExciteError
+from excite.train.config import CHOICES, TrainConfig
+
+DEMO_CONFIG = dict(
+    # A small SE-DenseNet-BC (k=12, 3 blocks of 4 layers) on scikit-learn's 8x8 digits shown at 16 px.
+    model="se_densenet_bc_100",
+    model_kwargs={"block_config": [4, 4, 4]},
+    data="digits",
+    img_size=16,
+    preset="cifar",
+    hflip=False,  # a mirrored 2 is not a 2
+    epochs=15,
+    batch_size=64,
+    lr=0.1,
+    sched="onecycle",
+    weight_decay=5e-4,
+    label_smoothing=0.0,
+)
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as a Python literal when it is one (numbers, lists, True...)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    # Every default is None so that a config file can supply the value and an explicit flag still wins.
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="model name (see `excite models`)")
+    g.add_argument("--model-arg", dest="model_kwargs", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="builder override, e.g. growth_rate=12 or block_config=[4,4,4] (repeatable)")
+    g.add_argument("--pretrained", help="weights file to start from (excite, torchvision or timm layout)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="image folder (one subfolder per class), or cifar10, cifar100, digits")
+    g.add_argument("--data-root", help="where CIFAR is stored or downloaded to")
+    g.add_argument("--val-split", type=float, help="fraction held out for validation (default 0.2)")
+    g.add_argument("--val-dir", help="a separate validation folder instead of a split")
+    g.add_argument("--img-size", type=int, help="side of the square input (default 224, or 32 for CIFAR)")
+    g.add_argument("--preset", choices=CHOICES["preset"], help="transforms: imagenet or cifar style")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
+    g.add_argument("--augment", choices=[c for c in CHOICES["augment"] if c], help="extra augmentation")
+    g.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
+    g.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
+    g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
+                   help="fail on unreadable images instead of skipping them")
+    g.add_argument("--workers", type=int, help="data loader processes (default: auto)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--opt", choices=CHOICES["opt"])
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--sched", choices=CHOICES["sched"])
+    g.add_argument("--step-size", type=int, help="epochs between decays with --sched step")
+    g.add_argument("--gamma", type=float, help="decay factor with --sched step")
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--label-smoothing", type=float)
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="TOML or JSON file of options; flags override it")
+    g.add_argument("--out", help="run directory (default runs/<model>-<time>)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", choices=CHOICES["device"])
+    g.add_argument("--amp", choices=[c for c in CHOICES["amp"] if c], help="mixed precision")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    names = [f.name for f in TrainConfig.__dataclass_fields__.values()]
+    values = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if "model_kwargs" in values:
+        values["model_kwargs"] = dict(values["model_kwargs"])
+    return values
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from excite.train.config import resolve_config
+    from excite.train.fit import fit, resume_config
+
+    if args.resume:
+        if args.config:
+            raise ExciteError("--config cannot be combined with --resume: a resumed run keeps its own config")
+        config = resume_config(args.resume, **_train_overrides(args))
+        fit(config, resume=True)
+    else:
+        fit(resolve_config(args.config, **_train_overrides(args)))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from excite.train.config import resolve_config
+    from excite.train.fit import fit
+
+    config = resolve_config(None, **{**DEMO_CONFIG, "out": args.out, "device": args.device})
+    result = fit(config)
+    print(f"Demo finished: best validation accuracy {result.best_acc:.1%}; see {result.run_dir}/curves.png")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from excite.inference import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, args.data, out=args.out, batch_size=args.batch_size, device=args.device,
+                        split=args.split, data_root=args.data_root)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from excite.inference import predict
+
+    for path, top in predict(args.checkpoint, args.inputs, topk=args.topk, device=args.device):
+        print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from excite.models import list_models
+
+    print("\n".join(list_models(args.pattern)))
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    from excite.models import create_model
+    from excite.models.summary import summary
+
+    model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
+    print(summary(model, img_size=args.img_size, in_chans=args.in_chans, depth=args.depth))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from excite.bench import benchmark, format_report
+
+    result = benchmark(args.model, batch_size=args.batch_size, img_size=args.img_size,
+                       mode=tuple(args.mode), amp=args.amp, channels_last=args.channels_last,
+                       compile=args.compile, device=args.device, warmup=args.warmup, iters=args.iters,
+                       peers=args.peers)
+    print(format_report(result))
+    if args.json:
+        from excite.io import atomic_write_json
+
+        atomic_write_json(Path(args.json), result)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (and exit status 2), not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="excite", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model on an image folder, CIFAR or digits")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="train a small SE-DenseNet on the bundled digits (CPU, ~1 minute)")
+    p.add_argument("--out", help="run directory (default runs/<model>-<time>)")
+    p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="top-1/top-5, per-class report and confusion matrix of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a .pt checkpoint or a run directory")
+    p.add_argument("--data", required=True, help="image folder, or cifar10 / cifar100 / digits")
+    p.add_argument("--split", choices=("auto", "val", "all"), default="auto",
+                   help="val: the run's own validation split; all: every image (auto: val on the training data)")
+    p.add_argument("--data-root")
+    p.add_argument("--out", help="where to write eval.json and confusion_matrix.png")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of images")
+    p.add_argument("--checkpoint", required=True, help="a .pt checkpoint, a .safetensors file or a run directory")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", help="list model names")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'se_*'")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("summary", help="layer table: output shapes, parameters and MACs")
+    p.add_argument("model")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--depth", type=int, default=3, help="how deep to list nested layers")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("bench", help="training/inference throughput and memory against torchvision and timm")
+    p.add_argument("model")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--mode", nargs="+", choices=("train", "infer"), default=["train", "infer"])
+    p.add_argument("--amp", choices=("bf16", "fp16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the torchvision/timm equivalents")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ExciteError as e:
+        if args.debug:
+            raise
+        print(f"excite: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("excite: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("excite: error: out of memory; try a smaller --batch-size or --img-size", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The small-image fast path: decode once, keep the images on the device, augment whole batches there.
+
+For data sets that fit in device memory (CIFAR-10's training set is 50,000 x 3 x 32 x 32 bytes, 147 MiB)
+the per-image pipeline of a DataLoader (decode, PIL transforms, collate, copy to the GPU) costs more
+than the model. :class:`TensorCache` holds every image as one uint8 tensor, decoded once and cached on
+disk; :class:`CachedLoader` keeps it on the device and makes each batch with a few tensor ops: an index,
+one gather for the padded random crop and flip of the whole batch, the conversion and normalisation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from torchvision.transforms.v2 import functional as TF
+
+from excite.data.images import decode_image
+from excite.data.transforms import NORMALIZATION
+from excite.errors import DataError
+from excite.io import atomic_write
+
+#: Bump when the cached tensors change meaning (decoding, resizing), so old cache files are not reused.
+_CACHE_VERSION = 1
+
+
+@dataclass
+class TensorCache:
+    """A whole data set as two tensors: ``images`` uint8 (N, C, H, W) and ``labels`` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise DataError(f"cached images must be a uint8 tensor (N, C, H, W), got {self.images.dtype} "
+                            f"of shape {tuple(self.images.shape)}")
+        self.labels = torch.as_tensor(self.labels, dtype=torch.int64, device=self.images.device)
+        if self.labels.shape != self.images.shape[:1]:
+            raise DataError(f"got {len(self.images)} images but {self.labels.numel()} labels: pass one label per image")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @classmethod
+    def from_files(cls, paths: Sequence[str | os.PathLike], labels: Sequence[int], *,
+                   size: int | tuple[int, int] | None = None, cache_dir: str | os.PathLike | None = None,
+                   ) -> TensorCache:
+        """Decode ``paths`` (RGB, upright) into one tensor, resized to ``size`` if given.
+
+        Without ``size`` every image must already have the same size. With ``cache_dir`` the result is
+        stored there as a .safetensors file named by a hash of the file list (paths, sizes and
+        modification times), the labels and ``size``, and loaded from it next time instead of decoding.
+        """
+        if len(paths) != len(labels):
+            raise DataError(f"got {len(paths)} image files but {len(labels)} labels: pass one label per file")
+        if not paths:
+            raise DataError("no image files to cache: pass at least one")
+        size = (size, size) if isinstance(size, int) else size
+        cache_file = Path(cache_dir) / f"{_cache_key(paths, labels, size)}.safetensors" if cache_dir else None
+        if cache_file is not None and cache_file.exists():
+            try:
+                return cls.load(cache_file)
+            except (SafetensorError, KeyError, DataError):
+                pass  # unreadable or from elsewhere: decode again and overwrite it
+        images = [decode_image(path) for path in paths]
+        if size is not None:
+            images = [TF.resize(image, list(size), antialias=True) for image in images]
+        shapes = {tuple(image.shape[1:]) for image in images}
+        if len(shapes) > 1:
+            raise DataError(f"images have {len(shapes)} different sizes (e.g. {sorted(shapes)[:2]}): pass a size "
+                            "to resize them to")
+        cache = cls(torch.stack(images), torch.tensor(labels))
+        if cache_file is not None:
+            cache.save(cache_file)
+        return cache
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the tensors to a .safetensors file, atomically."""
+        data = safetensors.torch.save({"images": self.images.cpu().contiguous(), "labels": self.labels.cpu()})
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            f.write(data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TensorCache:
+        """Read a file written by :meth:`save`."""
+        tensors = safetensors.torch.load_file(path)
+        return cls(tensors["images"], tensors["labels"])
+
+
+def _cache_key(paths: Sequence[str | os.PathLike], labels: Sequence[int], size: tuple[int, int] | None) -> str:
+    try:
+        stats = [os.stat(path) for path in paths]
+    except OSError as error:
+        raise DataError(f"cannot read image {error.filename}: {error.strerror}") from None
+    files = [(str(path), stat.st_size, stat.st_mtime_ns) for path, stat in zip(paths, stats)]
+    text = json.dumps([_CACHE_VERSION, files, [int(label) for label in labels], size])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class EpochPlan(NamedTuple):
+    """What one epoch does: image ``order[i]`` comes i-th, cropped at (``top[i]``, ``left[i]``) of its padded
+    copy and mirrored where ``flip[i]``."""
+
+    order: torch.Tensor
+    top: torch.Tensor
+    left: torch.Tensor
+    flip: torch.Tensor
+
+
+def crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
+              pad: int) -> torch.Tensor:
+    """Crop each image of a batch (N, C, H, W) from its copy zero-padded by ``pad`` pixels at (``top``,
+    ``left``), and mirror it left-right where ``flip``; the result has the input's shape.
+
+    Image by image this is ``hflip(crop(pad(image), top, left, H, W))``, done as one gather whose column
+    indices run backwards for the flipped images.
+    """
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    rows = top[:, None] + torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device).expand(n, w)
+    cols = left[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    # Index tensors around a slice put their broadcast dimensions first: the gather comes out (N, H, W, C).
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+class CachedLoader:
+    """``(images, labels)`` batches of a :class:`TensorCache`, made and augmented on ``device``.
+
+    With ``train`` each epoch visits the images in a random order, and each image is randomly cropped
+    from its copy zero-padded by ``pad`` pixels and mirrored with probability 1/2 when ``flip`` (the
+    standard CIFAR augmentation); without, the images come in order, unchanged. Either way the pixels
+    are scaled to [0, 1] and normalised by ``mean`` and ``std``, then cast to ``dtype`` and, with
+    ``channels_last``, laid out channels-last. Order and augmentation come from one generator on the
+    device seeded from ``(seed, epoch)`` (see :meth:`plan`): call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, data: TensorCache, batch_size: int, *, train: bool, device: str | torch.device = "cpu",
+                 mean: Sequence[float] = NORMALIZATION["cifar"][0], std: Sequence[float] = NORMALIZATION["cifar"][1],
+                 pad: int = 4, flip: bool = True, dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 drop_last: bool = False, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1, got {batch_size}")
+        if not dtype.is_floating_point:
+            raise DataError(f"batches must have a floating-point dtype, got {dtype}")
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.batch_size, self.train, self.drop_last = batch_size, train, drop_last
+        self.mean, self.std, self.pad, self.flip = list(mean), list(std), pad, flip
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration produce epoch ``epoch``'s batches."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The order and augmentation of ``epoch``: a pure function of ``(seed, epoch)`` on this device."""
+        n, device = len(self.images), self.device
+        if not self.train:  # in order; cropping the padded copy at (pad, pad) leaves an image unchanged
+            offsets = torch.full((n,), self.pad, device=device)
+            no_flip = torch.zeros(n, dtype=torch.bool, device=device)
+            return EpochPlan(torch.arange(n, device=device), offsets, offsets, no_flip)
+        # The same (seed, epoch) -> seed mixing as excite.data.loader; torch generators take 64-bit seeds.
+        generator = torch.Generator(device).manual_seed(int(np.random.default_rng([self.seed, epoch]).integers(2**63)))
+        order = torch.randperm(n, generator=generator, device=device)
+        top, left = torch.randint(2 * self.pad + 1, (2, n), generator=generator, device=device)
+        flip = torch.rand(n, generator=generator, device=device) < 0.5
+        return EpochPlan(order, top, left, flip & self.flip)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan = self.plan(self.epoch)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            end = start + self.batch_size
+            index = plan.order[start:end]
+            images = self.images[index]
+            if self.train:
+                images = crop_flip(images, plan.top[start:end], plan.left[start:end], plan.flip[start:end], self.pad)
+            images = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), self.mean, self.std)
+            yield images.to(self.dtype).contiguous(memory_format=self.memory_format), self.labels[index]

@@ -1,0 +1,86 @@
+"""Decoding image files into upright 3-channel uint8 tensors, and a data set of such files."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision import io as tvio
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms.v2 import functional as F
+
+from excite.errors import DataError
+
+#: File name endings treated as images (case-insensitive): torchvision's list plus GIF.
+IMAGE_EXTENSIONS: tuple[str, ...] = (*IMG_EXTENSIONS, ".gif")
+
+
+class UnreadableImage(DataError):
+    """An image file that neither torchvision nor PIL can decode."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def is_image_file(name: str) -> bool:
+    """Whether a file name has one of :data:`IMAGE_EXTENSIONS`."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def decode_image(path: str | os.PathLike) -> torch.Tensor:
+    """Decode an image file into a ``uint8`` RGB tensor of shape (3, H, W), rotated upright by its EXIF tag.
+
+    torchvision decodes JPEG, PNG, GIF and WebP (including grayscale, alpha, palette, CMYK and 16-bit);
+    PIL reads the rest (BMP, TIFF, PPM, ...). Raises :class:`UnreadableImage` when neither can.
+    """
+    try:
+        image = tvio.decode_image(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB,
+                                  apply_exif_orientation=True)
+    except RuntimeError:  # torchvision's error for unsupported formats as well as for broken files
+        image = _decode_with_pil(path)
+    if image.ndim == 4:  # an animated GIF: keep its first frame
+        image = image[0]
+    return F.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode to uint16
+
+
+def _decode_with_pil(path: str | os.PathLike) -> torch.Tensor:
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            if image.mode.startswith("I"):
+                # 16/32-bit grayscale (e.g. TIFF): PIL's convert("RGB") clips these values instead of scaling.
+                image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+            return F.pil_to_tensor(image.convert("RGB"))
+    except Exception as error:  # PIL's format plugins raise assorted exception types on malformed files
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        raise UnreadableImage(path, "empty file" if empty else f"{type(error).__name__}: {error}") from error
+
+
+class ImageFileDataset(Dataset):
+    """Labelled image files, decoded by :func:`decode_image` and passed through ``transform``.
+
+    ``samples`` are ``(path, class index)`` pairs. Indexing raises :class:`UnreadableImage` for a file that
+    has become unreadable since it was scanned; the loaders of :mod:`excite.data.loader` skip and count those.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
+                 transform: Callable | None = None) -> None:
+        self.samples = list(samples)
+        self.classes = list(classes)
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        image = decode_image(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label

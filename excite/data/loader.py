@@ -1,0 +1,108 @@
+"""Data loaders whose batches, augmentation included, are a pure function of (seed, epoch).
+
+The sampler draws the epoch's order and one seed per sample from ``(seed, epoch)``; each sample is loaded
+with the torch random generator seeded by its own seed (see :class:`_SeededLoad`). So a run resumed at epoch
+``e`` sees exactly the batches an uninterrupted run saw, whatever the number of workers. Images that fail to
+decode during the run are dropped from their batch and listed in :attr:`Loader.skipped`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from excite.data.images import UnreadableImage
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields ``(index, sample seed)`` pairs: shuffled (when ``shuffle``) and seeded from ``(seed, epoch)``."""
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int) -> None:
+        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order and augmentation the next iteration produces."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+        sample_seeds = rng.integers(2**63, size=self.size)  # torch generators take 64-bit seeds
+        return zip(order.tolist(), sample_seeds.tolist())
+
+
+class _Skipped(NamedTuple):
+    path: str
+    reason: str
+
+
+class _SeededLoad(Dataset):
+    """Loads ``dataset[index]`` for a key ``(index, seed)`` with torch's generator seeded by ``seed``, restoring
+    the generator afterwards; an unreadable image comes back as a :class:`_Skipped` marker."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple | _Skipped:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # torch.manual_seed would also reseed CUDA's generators
+            try:
+                return self.dataset[index]
+            except UnreadableImage as error:
+                return _Skipped(error.path, error.reason)
+
+
+def _collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[_Skipped]]:
+    kept = [sample for sample in batch if not isinstance(sample, _Skipped)]
+    skipped = [sample for sample in batch if isinstance(sample, _Skipped)]
+    images, labels = default_collate(kept) if kept else (None, None)
+    return images, labels, skipped
+
+
+class Loader:
+    """Iterates ``(images, labels)`` batches of a :class:`DataLoader` made by :func:`make_loader`.
+
+    Call :meth:`set_epoch` before each epoch. :attr:`skipped` maps each image that could not be read during
+    the run to the reason.
+    """
+
+    def __init__(self, loader: DataLoader, sampler: EpochSampler) -> None:
+        self.dataset = loader.dataset.dataset
+        self.sampler = sampler
+        self.skipped: dict[str, str] = {}
+        self._loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration produce epoch ``epoch``'s batches."""
+        self.sampler.set_epoch(epoch)
+
+    def skipped_count(self) -> int:
+        """How many distinct images could not be read so far."""
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, skipped in self._loader:
+            self.skipped.update(skipped)
+            if images is not None:
+                yield images, labels
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int = 0, seed: int = 0) -> Loader:
+    """A :class:`Loader` over ``dataset``: shuffled when ``train`` (validation never shuffles)."""
+    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed)
+    loader = DataLoader(
+        _SeededLoad(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=_collate,
+        drop_last=train,  # a last training batch of one image would break batch norm
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed))  # else DataLoader draws worker seeds from the global one
+    return Loader(loader, sampler)

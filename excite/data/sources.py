@@ -1,0 +1,63 @@
+"""Built-in data sources: scikit-learn's handwritten digits (as an image folder) and CIFAR-10/100."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torchvision import datasets
+
+from excite.data.folder import cache_dir
+from excite.errors import DataError
+
+CIFAR: dict[str, type[datasets.CIFAR10]] = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+
+#: load_digits pixels count the set pixels (0..16) of a 4x4 block of the original 32x32 bitmap.
+_DIGITS_MAX_PIXEL = 16
+
+
+def digits_folder() -> Path:
+    """scikit-learn's 1,797 8x8 grayscale handwritten digits as an image folder of PNGs, ``cache_dir()/digits``.
+
+    Written once, into a temporary folder renamed into place, so that a reader never sees half of it; after
+    that the digits take the same path as any user folder.
+    """
+    folder = cache_dir() / "digits"
+    if folder.is_dir():
+        return folder
+    from sklearn.datasets import load_digits  # imported here: it takes a second and is needed only once
+
+    digits = load_digits()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".digits-"))
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        (tmp / str(label)).mkdir(exist_ok=True)
+        image = np.round(pixels * (255 / _DIGITS_MAX_PIXEL)).astype(np.uint8)
+        Image.fromarray(image).save(tmp / str(label) / f"{i:04d}.png")
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process renamed its copy into place first
+        shutil.rmtree(tmp)
+    return folder
+
+
+def cifar(name: str, root: str | os.PathLike, *, download: bool, train_transform: Callable,
+          eval_transform: Callable) -> tuple[datasets.CIFAR10, datasets.CIFAR10]:
+    """The training and test sets of ``name`` ("cifar10" or "cifar100") under ``root``.
+
+    Downloads them into ``root`` when missing and ``download`` is set; raises a one-line :class:`DataError`
+    saying how to get them when they are missing and cannot be downloaded.
+    """
+    dataset, root = CIFAR[name], Path(root)
+    try:
+        return (dataset(root, train=True, transform=train_transform, download=download),
+                dataset(root, train=False, transform=eval_transform, download=download))
+    except (RuntimeError, OSError) as error:  # "Dataset not found", or urllib's URLError (an OSError)
+        problem = (f"could not be downloaded ({type(error).__name__}: {' '.join(str(error).split())})" if download
+                   else "is not there and downloading is off")
+        raise DataError(f"{name} {problem}: download {dataset.url}, extract it into {root} (giving "
+                        f"{root / dataset.base_folder}) and pass --data-root {root}") from error

@@ -1,0 +1,140 @@
+"""Using a trained model: ``evaluate_checkpoint`` (metrics on a data set) and ``predict`` (top-k classes)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from excite.data import ImageFileDataset, build_data, build_transform, decode_image, make_loader, scan_folder
+from excite.data.images import is_image_file
+from excite.errors import CheckpointError, DataError, ExciteError
+from excite.io import atomic_write_json
+from excite.report.metrics import classification_report
+from excite.report.plots import plot_confusion_matrix
+from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
+from excite.train.fit import select_device
+from excite.train.loop import Precision, evaluate
+
+
+def load_for_inference(path: str | os.PathLike, device: torch.device):
+    """Model (eval mode, on ``device``), class names and the eval transform of a checkpoint or weights file.
+
+    A run directory means its ``best.pt`` (the weights with the best validation accuracy).
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "best.pt").exists():
+        path = path / "best.pt"
+    checkpoint = load_checkpoint(path)
+    model, classes = model_from_checkpoint(checkpoint)
+    transform = build_transform(checkpoint["preset"], checkpoint["img_size"], train=False)
+    return model.to(device), classes, transform, checkpoint
+
+
+def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: str | None = None,
+                        batch_size: int = 128, device: str = "auto", split: str = "auto",
+                        data_root: str | None = None, log=print) -> dict:
+    """Top-1/top-5, per-class precision/recall/F1 and a confusion matrix of a checkpoint on ``data``.
+
+    ``split="val"`` evaluates the validation split the run itself held out (same seed and fraction);
+    ``"all"`` every image of the folder; ``"auto"`` is ``val`` when ``data`` is what the run trained on.
+    Writes ``eval.json`` and ``confusion_matrix.png`` into ``out`` (default: ``eval-<data>`` beside the
+    checkpoint) and returns the metrics.
+    """
+    torch_device = select_device(device)
+    model, classes, transform, checkpoint = load_for_inference(checkpoint_path, torch_device)
+    config = checkpoint.get("config", {})
+    trained_on = str(config.get("data", ""))
+    if split == "auto":
+        split = "val" if trained_on and _same_source(trained_on, data) else "all"
+    if split == "val" or data in ("cifar10", "cifar100"):
+        bundle = build_data(data, img_size=checkpoint["img_size"], batch_size=1, preset=checkpoint["preset"],
+                            val_split=config.get("val_split", 0.2), val_dir=config.get("val_dir"),
+                            seed=config.get("seed", 0), data_root=data_root or config.get("data_root"))
+        dataset, data_classes = bundle.val, bundle.classes
+    else:
+        scan = scan_folder(data)
+        dataset, data_classes = ImageFileDataset(scan.samples, scan.classes, transform), scan.classes
+    if list(data_classes) != list(classes):
+        raise CheckpointError(
+            f"the checkpoint was trained on classes {_short(classes)} but {data} has {_short(data_classes)}; "
+            "evaluate on data with the same class folders")
+    loader = make_loader(dataset, batch_size, train=False)
+    stats = evaluate(model, loader, Precision(torch_device), len(classes))
+    report = classification_report(stats.confusion, classes)
+    result = {"checkpoint": str(checkpoint_path), "data": str(data), "split": split, "images": stats.images,
+              "top1": stats.acc, "top5": stats.top5, "loss": stats.loss, **report}
+    out_dir = Path(out) if out else _checkpoint_dir(checkpoint_path) / f"eval-{Path(str(data)).name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "eval.json", result)
+    plot_confusion_matrix(stats.confusion, classes, out_dir / "confusion_matrix.png")
+    log(f"{stats.images} images: top-1 {stats.acc:.2%}, top-5 {stats.top5:.2%}, loss {stats.loss:.4f}")
+    for name, row in report["per_class"].items():
+        log(f"  {name:>20}: precision {row['precision']:.3f} recall {row['recall']:.3f} f1 {row['f1']:.3f} "
+            f"support {row['support']}")
+    log(f"Wrote {out_dir / 'eval.json'} and {out_dir / 'confusion_matrix.png'}")
+    return result
+
+
+def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, topk: int = 3,
+            device: str = "auto", batch_size: int = 64, log_error=None) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+    """Yield ``(path, [(class, probability), ...])`` for each image in ``inputs`` (files or folders,
+    searched recursively). Unreadable images are reported through ``log_error`` and skipped."""
+    if topk < 1:
+        raise ExciteError(f"--topk must be at least 1, got {topk}")
+    torch_device = select_device(device)
+    model, classes, transform, _ = load_for_inference(checkpoint_path, torch_device)
+    paths = _expand_inputs(inputs)
+    k = min(topk, len(classes))
+    for start in range(0, len(paths), batch_size):
+        batch, names = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                batch.append(transform(decode_image(path)))
+                names.append(str(path))
+            except DataError as e:
+                (log_error or _stderr)(f"skipping {path}: {e}")
+        if not batch:
+            continue
+        with torch.no_grad():
+            probs = model(torch.stack(batch).to(torch_device)).float().softmax(1).cpu()
+        values, indices = probs.topk(k, dim=1)
+        for name, vals, idxs in zip(names, values.tolist(), indices.tolist()):
+            yield name, [(classes[i], v) for i, v in zip(idxs, vals)]
+
+
+def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p.name))
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise DataError(f"{item} does not exist: give image files or folders of images")
+    if not paths:
+        raise DataError(f"no images found in {', '.join(map(str, inputs))}")
+    return paths
+
+
+def _same_source(a: str, b: str) -> bool:
+    if a in ("digits", "cifar10", "cifar100") or b in ("digits", "cifar10", "cifar100"):
+        return a == b
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _checkpoint_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def _short(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)})"
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(f"excite: warning: {message}", file=sys.stderr)

@@ -1,0 +1,65 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of either.
+
+Everything excite writes (checkpoints, weights, metrics, plots, configs) goes through :func:`atomic_write`:
+the data goes to a temporary file in the same directory, is flushed and fsynced, then renamed over the
+target with :func:`os.replace` (atomic on POSIX and Windows when both are on one file system), and the
+directory is fsynced so the rename itself survives a power cut.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file for writing that replaces ``path`` when the ``with`` block ends.
+
+    ``mode`` is ``"wb"`` (bytes) or ``"w"`` (UTF-8 text). If the block raises, the temporary file is
+    removed and ``path`` keeps its old content (or stays absent). The parent directory must exist.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    # A unique hidden name beside the target: same file system (so os.replace is atomic), and two
+    # writers of the same path never share a temporary file.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    # 0o666 lets the user's umask decide the permissions, as for any file opened with open();
+    # O_BINARY (Windows only) stops the C runtime from translating newlines under Python's file object.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Only POSIX can open a directory to fsync it; Windows makes the rename durable by itself.
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically as UTF-8 (newlines are written as given)."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` to ``path`` atomically as indented JSON with a final newline."""
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")

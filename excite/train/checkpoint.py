@@ -1,0 +1,247 @@
+"""Checkpoints that resume a run exactly, and weights-only ``.safetensors`` files to share.
+
+A checkpoint is one ``torch.save`` file holding only tensors, numbers, strings, None, lists, tuples
+and dicts, so it loads with ``torch.load(weights_only=True)`` and nothing stored in it can run. The
+trainer saves this layout (``save_checkpoint`` adds ``format`` and ``version``)::
+
+    {
+        "format": "excite-checkpoint", "version": 1,
+        "model_name": str, "model_kwargs": dict,   # create_model(model_name, **model_kwargs) rebuilds it
+        "classes": list[str],                      # class index -> name
+        "img_size": int, "preset": str,            # the input size and transform preset it was trained with
+        "config": dict,                            # the run's config as a plain dict
+        "epoch": int,                              # the last completed epoch
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": dict | None,                     # the GradScaler's state_dict (float16 training only)
+        "rng": capture_rng_state(),
+        "metrics": list[dict],                     # the metrics history, one row per epoch
+        "best_acc": float, "best_epoch": int,      # the best validation accuracy so far and its epoch
+    }
+
+A run directory holds ``last.pt`` (written after every epoch) and ``best.pt`` (the epoch with the
+best validation accuracy). A weights file (``.safetensors``) keeps only ``model`` and puts the
+entries of ``WEIGHTS_METADATA`` in its metadata as JSON, so it rebuilds the model on its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from excite.errors import CheckpointError, UnknownModelError
+from excite.io import atomic_write
+from excite.models import create_model
+
+FORMAT = "excite-checkpoint"
+VERSION = 1
+LAST = "last.pt"
+BEST = "best.pt"
+# What a weights file needs besides the tensors to rebuild the model and prepare its inputs.
+WEIGHTS_METADATA = ("model_name", "model_kwargs", "classes", "img_size", "preset")
+
+# torch.save writes a zip archive; anything else (a bare pickle, a pre-1.6 torch file) is never unpickled.
+_ZIP_MAGIC = b"PK\x03\x04"
+# Exact types, not subclasses: numpy.float64 is a float but pickles as a numpy global that
+# weights_only refuses, and a namedtuple is a tuple that pickles as its class.
+_PLAIN_LEAVES = (bool, int, float, str, type(None))
+_PLAIN_MAPPINGS = (dict, OrderedDict)
+_PLAIN_SEQUENCES = (list, tuple)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of every random generator a run draws from: torch (CPU and each CUDA device), numpy
+    and python's ``random``, in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # numpy's key is an ndarray, which weights_only refuses; a tensor of the same numbers is allowed.
+        "numpy": {**np_state, "state": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                                        "pos": np_state["state"]["pos"]}},
+        # Nested tuples of ints (and None or a float): allowed as they are.
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back generator states from :func:`capture_rng_state`.
+
+    CUDA states are restored for the devices present; a GPU run resumed on CPU goes on without them.
+    """
+    torch.set_rng_state(state["torch"].cpu())
+    if torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device)
+    np_state = state["numpy"]
+    key = np_state["state"]["key"].cpu().numpy().astype(np.uint32)
+    np.random.set_state({**np_state, "state": {"key": key, "pos": np_state["state"]["pos"]}})
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Write ``state`` (the layout in the module docstring) to ``path`` atomically, adding
+    ``format`` and ``version``.
+
+    Raises ``TypeError`` naming the first value that could not be loaded back with weights_only
+    (convert a config dataclass with ``dataclasses.asdict`` first).
+    """
+    state = {**state, "format": FORMAT, "version": VERSION}
+    _check_plain(state, "state")
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN_LEAVES:
+        return
+    if type(obj) in _PLAIN_MAPPINGS:
+        for key, value in obj.items():
+            _check_plain(key, f"{where} key {key!r}")
+            _check_plain(value, f"{where}[{key!r}]")
+    elif type(obj) in _PLAIN_SEQUENCES:
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+    else:
+        raise TypeError(f"checkpoint {where} is a {type(obj).__module__}.{type(obj).__qualname__}; only tensors, "
+                        "numbers, strings, None, lists, tuples and dicts can be saved")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without running anything stored in it.
+
+    ``path`` is a ``.pt`` file written by :func:`save_checkpoint`, a run directory (its ``last.pt``
+    is loaded) or a ``.safetensors`` weights file (see :func:`read_weights`). A missing, truncated,
+    foreign or unsafe file raises :class:`~excite.errors.CheckpointError`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / LAST
+    if path.suffix == ".safetensors":
+        return read_weights(path, device=str(map_location))
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a run directory, its last.pt or best.pt, "
+                              "or a .safetensors weights file")
+    with open(path, "rb") as f:
+        if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save writes zip archives): pass a "
+                                  "last.pt or best.pt from an excite run, or a .safetensors weights file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # how torch reports anything weights_only refuses
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = found.group(1) if found else "objects other than tensors, numbers and strings"
+        raise CheckpointError(f"refusing to load {path}: it contains pickled code ({what}), which could run on "
+                              "your machine; only load checkpoints you trust, or re-save the weights as "
+                              ".safetensors") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"cannot load {path} ({_first_sentence(e)}): the file is truncated or corrupt; "
+                              "copy it again or use the run's other checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a PyTorch file but not an excite checkpoint: pass a last.pt or best.pt "
+                              "written by `excite train`")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path} is checkpoint version {ckpt.get('version')!r}, this excite reads version "
+                              f"{VERSION}: use the excite version that wrote it")
+    return ckpt
+
+
+def _first_sentence(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0].split(". ")[0] if lines else type(error).__name__
+
+
+def export_safetensors(model_state: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                       metadata: Mapping[str, Any] | None = None) -> None:
+    """Write tensors to a ``.safetensors`` file atomically, with ``metadata`` values stored as JSON.
+
+    Every tensor is copied to its own contiguous CPU memory first: safetensors refuses tensors that
+    share storage (tied weights) or are non-contiguous views.
+    """
+    tensors = {name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+               for name, t in model_state.items()}
+    encoded = {key: json.dumps(value) for key, value in (metadata or {}).items()}
+    data = safetensors.torch.save(tensors, metadata=encoded)
+    with atomic_write(path) as f:
+        f.write(data)
+
+
+def save_weights(path: str | os.PathLike, ckpt: Mapping[str, Any]) -> None:
+    """Write a checkpoint's model weights to a ``.safetensors`` file that rebuilds the model on its own.
+
+    ``ckpt`` needs ``model`` (the state dict), ``model_name``, ``model_kwargs`` and ``classes``; those
+    and the other entries of ``WEIGHTS_METADATA`` it has go into the file's metadata.
+    """
+    export_safetensors(ckpt["model"], path, {key: ckpt[key] for key in WEIGHTS_METADATA if key in ckpt})
+
+
+def read_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
+    """Read a weights file from :func:`save_weights` or :func:`export_safetensors` as a dict of its
+    metadata plus ``"model"`` (the state dict), which :func:`model_from_checkpoint` accepts.
+
+    JSON turns tuples in ``model_kwargs`` into lists; the models take either.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            state = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} ({_first_sentence(e)}): it is not a complete .safetensors "
+                              "file") from None
+    try:
+        weights = {key: json.loads(value) for key, value in metadata.items()}
+    except json.JSONDecodeError:
+        weights = {}
+    if "model_name" not in weights:
+        raise CheckpointError(f"{path} has no excite metadata (model_name), so the model cannot be rebuilt from it: "
+                              "pass a weights file written by excite")
+    return {**weights, "model": state}
+
+
+def model_from_checkpoint(ckpt: Mapping[str, Any]) -> tuple[nn.Module, list[str]]:
+    """Rebuild the model a checkpoint (or :func:`read_weights` result) describes, with its weights
+    loaded and in eval mode, and return it with the class names."""
+    name, kwargs = ckpt["model_name"], ckpt["model_kwargs"]
+    try:
+        model = create_model(name, **kwargs)
+    except UnknownModelError as e:
+        raise CheckpointError(f"the checkpoint's model is not available here: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot build {name} with the checkpoint's arguments {kwargs} ({e}): was it "
+                              "written by another excite version?") from None
+    _check_fits(model, ckpt["model"], f"{name} built with {kwargs}")
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), list(ckpt["classes"])
+
+
+def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (first {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} of another shape (first {k}: {tuple(state[k].shape)} in the file, "
+                        f"{tuple(expected[k].shape)} in the model)")
+    if problems:
+        raise CheckpointError(f"the weights do not fit {what}: tensors {'; '.join(problems)}")

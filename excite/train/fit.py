@@ -1,0 +1,231 @@
+"""``fit``: one training run from a config to a run directory.
+
+A run directory holds ``config.json``, ``metrics.csv`` / ``metrics.jsonl``, ``curves.png``,
+``last.pt`` (every epoch) and ``best.pt`` + ``best.safetensors`` (best validation accuracy), and
+``skipped_files.txt`` when unreadable images were left out. Checkpoints are written atomically, so a
+run killed at any moment resumes from its last completed epoch with ``excite train --resume DIR``.
+
+Randomness is a pure function of (seed, epoch): every epoch reseeds all generators and the data
+order, so a resumed run repeats exactly what the uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from excite.data import batch_mixer, build_data, make_loader
+from excite.errors import CheckpointError, ExciteError, NonFiniteLossError
+from excite.io import atomic_write_json, atomic_write_text
+from excite.models import create_model
+from excite.models.weights import load_weights
+from excite.report.metrics import MetricsLogger, format_epoch_line
+from excite.report.plots import plot_curves
+from excite.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from excite.train.config import TrainConfig
+from excite.train.loop import Precision, evaluate, train_one_epoch
+from excite.train.optim import build_optimizer, build_scheduler
+
+# Options that may change when a run is resumed; everything else must stay as the run started.
+RESUMABLE_OVERRIDES = ("epochs", "workers", "device")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best_acc: float
+    best_epoch: int
+    history: list[dict]
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ExciteError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ExciteError("--device mps was asked for but MPS is not available; use --device auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    # Distinct, reproducible streams per epoch; 1_000_003 is prime so (seed, epoch) pairs do not collide.
+    return seed * 1_000_003 + epoch
+
+
+def default_run_dir(model: str) -> Path:
+    return Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resume_config(run_dir: str | Path, **overrides) -> TrainConfig:
+    """The config a run was started with, with ``epochs``/``workers``/``device`` replaced when given."""
+    checkpoint = load_checkpoint(Path(run_dir) / "last.pt")
+    values = dict(checkpoint["config"])
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in RESUMABLE_OVERRIDES:
+            if values.get(key) != value:
+                raise ExciteError(f"--{key.replace('_', '-')} cannot change when resuming; start a new run instead")
+            continue
+        values[key] = value
+    values["out"] = str(run_dir)
+    return TrainConfig.from_dict(values, f"{run_dir}/last.pt").validate()
+
+
+def _check_input_size(model: torch.nn.Module, config: TrainConfig, img_size: int, device: torch.device) -> None:
+    """Fail before training, with advice, when the model cannot take images of this size."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size, device=device))
+    except RuntimeError as e:
+        raise ExciteError(
+            f"model {config.model} cannot take {img_size}x{img_size} images ({str(e).splitlines()[0]}); "
+            "use a larger --img-size, or a *_cifar / densenet_bc_* model for small images"
+        ) from None
+
+
+def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
+        show_progress: Optional[bool] = None) -> RunResult:
+    """Train ``config.model`` on ``config.data`` and write the run directory; returns the best result.
+
+    With ``resume=True`` the run continues in ``config.out`` from its ``last.pt`` (use
+    :func:`resume_config` to get the config back).
+    """
+    config.validate()
+    run_dir = Path(config.out) if config.out else default_run_dir(config.model)
+    config = dataclasses.replace(config, out=str(run_dir))
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(run_dir / "last.pt")
+    elif (run_dir / "last.pt").exists():
+        raise ExciteError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+
+    device = select_device(config.device)
+    if config.amp == "fp16" and device.type != "cuda":
+        raise ExciteError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
+    precision = Precision(device, config.amp, config.channels_last)
+
+    seed_everything(config.seed)
+    data = build_data(
+        config.data, img_size=config.img_size, batch_size=config.batch_size, val_split=config.val_split,
+        val_dir=config.val_dir, data_root=config.data_root, preset=config.preset, hflip=config.hflip,
+        augment=config.augment, seed=config.seed, strict=config.strict,
+    )
+    if checkpoint is not None and list(checkpoint["classes"]) != list(data.classes):
+        raise CheckpointError(f"the classes of {run_dir}/last.pt do not match the data's; resume with the same data")
+    workers = config.workers if config.workers >= 0 else (min(4, torch.multiprocessing.cpu_count())
+                                                          if device.type == "cuda" else 0)
+    train_loader = make_loader(data.train, config.batch_size, train=True, workers=workers, seed=config.seed)
+    val_loader = make_loader(data.val, config.batch_size, train=False, workers=workers, seed=config.seed)
+
+    model = create_model(config.model, num_classes=len(data.classes), **config.model_kwargs)
+    if config.pretrained and checkpoint is None:
+        log(str(load_weights(model, config.pretrained, strict=False)))
+    model.to(device)
+    _check_input_size(model, config, data.img_size, device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, len(train_loader), config)
+    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
+    train_model = torch.compile(model) if config.compile else model
+
+    history: list[dict] = []
+    best_acc, best_epoch, start_epoch = -1.0, 0, 1
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        history = list(checkpoint["metrics"])
+        best_acc, best_epoch = checkpoint["best_acc"], checkpoint["best_epoch"]
+        start_epoch = checkpoint["epoch"] + 1
+        log(f"Resuming {run_dir} at epoch {start_epoch} of {config.epochs}")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", config.to_dict())
+    if data.report.skipped:
+        atomic_write_text(run_dir / "skipped_files.txt", data.report.format_skipped())
+        log(f"Skipped {len(data.report.skipped)} unreadable file(s); see {run_dir / 'skipped_files.txt'}")
+    metrics = MetricsLogger(run_dir, resume_epoch=start_epoch - 1)
+    log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
+        f"{len(data.classes)} classes, {data.img_size}px, device {device}, run directory {run_dir}")
+
+    def state(epoch: int) -> dict:
+        return {
+            "model_name": config.model, "model_kwargs": dict(model.model_kwargs), "classes": list(data.classes),
+            "config": config.to_dict(), "img_size": data.img_size, "preset": data.preset,
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "metrics": history, "best_acc": best_acc, "best_epoch": best_epoch,
+        }
+
+    mix = batch_mixer(len(data.classes), config.mixup, config.cutmix)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, config.epochs + 1):
+            seed_everything(epoch_seed(config.seed, epoch))
+            train_loader.set_epoch(epoch)
+            train = train_one_epoch(train_model, train_loader, optimizer, scheduler, precision, epoch=epoch,
+                                    label_smoothing=config.label_smoothing, scaler=scaler, mix=mix,
+                                    show_progress=show_progress)
+            val = evaluate(train_model, val_loader, precision, len(data.classes), show_progress=show_progress)
+            row = {
+                "epoch": epoch, "train_acc": train.acc, "train_loss": train.loss, "val_acc": val.acc,
+                "val_loss": val.loss, "val_top5": val.top5, "lr": optimizer.param_groups[0]["lr"],
+                "epoch_seconds": train.seconds + val.seconds, "train_images_per_s": train.images_per_s,
+                "skipped_in_run": train_loader.skipped_count(),
+            }
+            history.append(row)
+            log(format_epoch_line(epoch, train.acc, train.loss, val.acc, val.loss, row["lr"],
+                                  row["epoch_seconds"], train.images_per_s))
+            metrics.append(row)
+            is_best = val.acc > best_acc
+            if is_best:
+                best_acc, best_epoch = val.acc, epoch
+            checkpoint_state = state(epoch)
+            save_checkpoint(run_dir / "last.pt", checkpoint_state)
+            if is_best:
+                save_checkpoint(run_dir / "best.pt", checkpoint_state)
+                save_weights(run_dir / "best.safetensors", checkpoint_state)
+            plot_curves(history, run_dir / "curves.png")
+    except NonFiniteLossError as e:
+        last = f"the last good checkpoint is {run_dir / 'last.pt'} (epoch {epoch - 1})" if epoch > 1 else "no epoch had completed"
+        raise NonFiniteLossError(f"{e}; {last}") from None
+    except KeyboardInterrupt:
+        raise ExciteError(
+            f"interrupted during epoch {epoch}; epochs up to {epoch - 1} are saved in {run_dir}. "
+            f"Continue with: excite train --resume {run_dir}"
+        ) from None
+    except torch.OutOfMemoryError:
+        raise ExciteError(
+            f"out of GPU memory at --batch-size {config.batch_size} with {config.model} at {data.img_size}px; "
+            f"try --batch-size {max(1, config.batch_size // 2)}"
+            + ("" if config.amp else " or --amp bf16")
+        ) from None
+
+    log(f"Best validation accuracy {best_acc:.1%} at epoch {best_epoch}; files in {run_dir}")
+    return RunResult(run_dir=run_dir, best_acc=best_acc, best_epoch=best_epoch, history=history)

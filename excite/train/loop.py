@@ -1,0 +1,144 @@
+"""One epoch of training, one pass of evaluation. Nothing here knows about files or flags."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from excite.errors import ExciteError, NonFiniteLossError
+from excite.report.metrics import confusion_matrix
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Precision:
+    """How tensors reach the model: device, autocast dtype and memory format."""
+
+    device: torch.device
+    amp: Optional[str] = None
+    channels_last: bool = False
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
+
+    def to_device(self, images: torch.Tensor, targets: torch.Tensor):
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        non_blocking = self.device.type == "cuda"
+        images = images.to(self.device, non_blocking=non_blocking, memory_format=memory_format)
+        return images, targets.to(self.device, non_blocking=non_blocking)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float
+    images: int
+    seconds: float
+    top5: float = float("nan")
+    confusion: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def _progress(loader: Iterable, desc: str, show: bool):
+    return tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    precision: Precision,
+    *,
+    epoch: int,
+    label_smoothing: float = 0.0,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    mix: Optional[Callable] = None,
+    show_progress: bool = False,
+) -> EpochStats:
+    """Train for one pass over ``loader``; the scheduler steps every batch.
+
+    Raises NonFiniteLossError on the first step whose loss is NaN or infinite, before that step
+    touches the weights. (With fp16 the GradScaler may still skip steps whose *gradients* overflow;
+    that is its normal working, not a failure.)
+    """
+    model.train()
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), device=precision.device)
+    correct = torch.zeros((), device=precision.device, dtype=torch.long)
+    seen = 0
+    for step, (images, targets) in enumerate(_progress(loader, f"epoch {epoch}", show_progress)):
+        images, targets = precision.to_device(images, targets)
+        loss_targets = targets
+        if mix is not None:  # mixup/cutmix: the loss sees soft targets, accuracy the original labels
+            images, loss_targets = mix(images, targets)
+        with precision.autocast():
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), loss_targets, label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at epoch {epoch}, step {step + 1}; the weights were not "
+                "updated with it. Lower --lr, add --warmup-epochs, or use --amp bf16 instead of fp16"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        n = targets.shape[0]
+        seen += n
+        loss_sum += loss.detach() * n
+        correct += (logits.argmax(1) == targets).sum()
+    if seen == 0:
+        raise ExciteError("the training loader produced no batches: is the training set empty?")
+    seconds = time.perf_counter() - start
+    return EpochStats(loss=loss_sum.item() / seen, acc=correct.item() / seen, images=seen, seconds=seconds)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    precision: Precision,
+    num_classes: int,
+    *,
+    show_progress: bool = False,
+) -> EpochStats:
+    """Loss, top-1, top-5 and the confusion matrix (rows: true class, columns: predicted) in eval mode."""
+    model.eval()
+    start = time.perf_counter()
+    loss_sum = 0.0
+    top5_hits = 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    seen = 0
+    for images, targets in _progress(loader, "eval", show_progress):
+        images, targets = precision.to_device(images, targets)
+        with precision.autocast():
+            logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        k = min(5, num_classes)
+        top5_hits += (logits.topk(k, dim=1).indices == targets[:, None]).any(1).sum().item()
+        confusion += confusion_matrix(logits.argmax(1).cpu(), targets.cpu(), num_classes)
+        seen += targets.shape[0]
+    if seen == 0:
+        raise ExciteError("the evaluation set is empty: use a larger --val-split or check --val-dir")
+    seconds = time.perf_counter() - start
+    acc = confusion.diag().sum().item() / seen
+    return EpochStats(loss=loss_sum / seen, acc=acc, images=seen, seconds=seconds, top5=top5_hits / seen,
+                      confusion=confusion)
