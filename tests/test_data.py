@@ -21,8 +21,6 @@ from excite.data import (
 )
 from excite.errors import DataError
 
-# torchvision 0.29 deprecates its decoders in favour of TorchCodec and warns on every call.
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
 H, W = 20, 30  # non-square, so a rotation shows in the decoded shape
 

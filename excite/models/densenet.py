@@ -108,6 +108,28 @@ class Transition(nn.Sequential):
         ]))
 
 
+def init_weights(model: nn.Module) -> None:
+    """torchvision's DenseNet initialisation: Kaiming-normal convolutions, unit BN, zero biases."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+def imagenet_stem(in_chans: int, channels: int) -> list[tuple[str, nn.Module]]:
+    """The ImageNet stem as named layers: 7x7/2 convolution, BN, ReLU, 3x3/2 max pool (4x downsampling)."""
+    return [
+        ("conv0", nn.Conv2d(in_chans, channels, kernel_size=7, stride=2, padding=3, bias=False)),
+        ("norm0", nn.BatchNorm2d(channels)),
+        ("relu0", nn.ReLU(inplace=True)),
+        ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+    ]
+
+
 class DenseNet(ClassifierModel):
     """DenseNet / DenseNet-BC for ImageNet-size (``stem="imagenet"``) or 32x32 inputs (``stem="cifar"``).
 
@@ -145,12 +167,7 @@ class DenseNet(ClassifierModel):
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
         if stem == "imagenet":
-            layers = [
-                ("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
-                ("norm0", nn.BatchNorm2d(num_init_features)),
-                ("relu0", nn.ReLU(inplace=True)),
-                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
-            ]
+            layers = imagenet_stem(in_chans, num_init_features)
         elif stem == "cifar":
             # DenseNet-BC on CIFAR: one 3x3 convolution, no pooling, BN-ReLU comes in the first layer.
             layers = [("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=3, padding=1, bias=False))]
@@ -177,15 +194,7 @@ class DenseNet(ClassifierModel):
         self.classifier = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
         self.growth_rate = growth_rate
         self.drop_rate = drop_rate
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

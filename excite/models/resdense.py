@@ -16,7 +16,7 @@ from torch import nn
 
 from excite.models._base import ClassifierModel
 from excite.models._registry import register_model
-from excite.models.densenet import Transition
+from excite.models.densenet import Transition, imagenet_stem, init_weights
 from excite.nn.attention import AttnSpec, create_attn
 
 
@@ -72,12 +72,7 @@ class ResDense(ClassifierModel):
         in_chans: int = 3,
         attn_layer: AttnSpec = None,
     ):
-        layers = [
-            ("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
-            ("norm0", nn.BatchNorm2d(num_init_features)),
-            ("relu0", nn.ReLU(inplace=True)),
-            ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
-        ]
+        layers = imagenet_stem(in_chans, num_init_features)
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
             block = nn.Sequential(OrderedDict(
@@ -95,15 +90,7 @@ class ResDense(ClassifierModel):
         super().__init__(num_classes, channels)
         self.features = nn.Sequential(OrderedDict(layers))
         self.classifier = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

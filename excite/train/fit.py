@@ -167,6 +167,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", config.to_dict())
+    if data.report.images:
+        log(f"Scanned {config.data}: {data.report.summary()}")
     if data.report.skipped:
         atomic_write_text(run_dir / "skipped_files.txt", data.report.format_skipped())
         log(f"Skipped {len(data.report.skipped)} unreadable file(s); see {run_dir / 'skipped_files.txt'}")

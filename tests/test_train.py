@@ -1,0 +1,132 @@
+"""The training pipeline end to end on a generated folder: artefacts, eval, predict, resume, config files."""
+import json
+import re
+
+import pytest
+import torch
+
+import excite
+from excite.cli import DEMO_CONFIG, main
+from excite.errors import ExciteError
+from excite.train.checkpoint import load_checkpoint
+from excite.train.config import resolve_config
+
+EPOCH_LINE = re.compile(r"^Epoch: ?\d+, Train_acc:\d+\.\d%, Train_loss:\d+\.\d{3}, Val_acc:\d+\.\d%, "
+                        r"Val_loss:\d+\.\d{3}, Lr:\d\.\d\dE[+-]\d\d, Time:\d+\.\ds, \d+ img/s$")
+
+
+def tiny_config(data, out, **overrides) -> excite.TrainConfig:
+    values = dict(model="resnet20_cifar", model_kwargs={"widths": [4, 8, 8]}, data=str(data), out=str(out),
+                  epochs=2, batch_size=8, img_size=16, lr=0.05, seed=3)
+    return excite.TrainConfig(**{**values, **overrides})
+
+
+def test_two_epochs_write_every_artifact(image_folder, tmp_path):
+    lines = []
+    result = excite.fit(tiny_config(image_folder, tmp_path / "run"), log=lines.append)
+    run = result.run_dir
+
+    epoch_lines = [line for line in lines if line.startswith("Epoch:")]
+    assert len(epoch_lines) == 2 and all(EPOCH_LINE.match(line) for line in epoch_lines), epoch_lines
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "resnet20_cifar" and config["epochs"] == 2 and config["out"] == str(run)
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert all(0 <= row["val_acc"] <= 1 and row["train_loss"] > 0 for row in rows)
+    csv_lines = (run / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,train_acc,train_loss,val_acc,val_loss") and len(csv_lines) == 3
+
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
+    assert last["epoch"] == 2 and last["classes"] == ["blue", "green", "red"]
+    assert last["model_name"] == "resnet20_cifar" and last["model_kwargs"]["num_classes"] == 3
+    assert best["epoch"] == result.best_epoch and best["best_acc"] == pytest.approx(result.best_acc)
+    assert result.best_acc == max(row["val_acc"] for row in rows)
+    # The safetensors export rebuilds the same model without the pickle-based checkpoint.
+    model = excite.create_model("resnet20_cifar", num_classes=3, widths=[4, 8, 8])
+    excite.load_weights(model, run / "best.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in best["model"].items())
+
+
+def test_eval_and_predict_from_the_checkpoint(image_folder, tmp_path, capsys):
+    run = excite.fit(tiny_config(image_folder, tmp_path / "run", epochs=3), log=lambda _: None).run_dir
+
+    assert main(["eval", "--checkpoint", str(run), "--data", str(image_folder), "--split", "all",
+                 "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    images = sum(1 for p in image_folder.rglob("*.png"))
+    assert report["images"] == images and report["split"] == "all"
+    assert 0 <= report["top1"] <= report["top5"] <= 1
+    assert set(report["per_class"]) == {"blue", "green", "red"}
+    assert sum(row["support"] for row in report["per_class"].values()) == images
+    assert (tmp_path / "eval" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "top-1" in capsys.readouterr().out
+
+    # auto: the run's own validation split (20% of the folder, stratified).
+    assert main(["eval", "--checkpoint", str(run / "best.pt"), "--data", str(image_folder),
+                 "--out", str(tmp_path / "eval-val")]) == 0
+    val_report = json.loads((tmp_path / "eval-val" / "eval.json").read_text())
+    assert val_report["split"] == "val" and val_report["images"] < images
+    best = load_checkpoint(run / "best.pt")
+    assert val_report["top1"] == pytest.approx(best["best_acc"])  # same images, same weights, same number
+
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run), "--topk", "2", str(image_folder / "red")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == len(list((image_folder / "red").glob("*.png")))
+    for line in out:
+        path, _, ranked = line.partition(": ")
+        pairs = [item.rsplit(" ", 1) for item in ranked.split(", ")]
+        assert len(pairs) == 2 and all(name in {"blue", "green", "red"} for name, _ in pairs)
+        probs = [float(p.rstrip("%")) for _, p in pairs]
+        assert probs[0] >= probs[1] and sum(probs) <= 100.05
+
+
+def test_resume_ends_like_an_uninterrupted_run(image_folder, tmp_path):
+    full = excite.fit(tiny_config(image_folder, tmp_path / "full", epochs=3), log=lambda _: None)
+
+    def stop_in_epoch_3(line):  # Ctrl-C after epoch 3 trained but before its checkpoint was written
+        if line.startswith("Epoch: 3"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(ExciteError, match=f"excite train --resume {tmp_path / 'split'}"):
+        excite.fit(tiny_config(image_folder, tmp_path / "split", epochs=3), log=stop_in_epoch_3)
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["epoch"] == 2
+    lines = []
+    resumed = excite.fit(excite.resume_config(tmp_path / "split"), resume=True, log=lines.append)
+
+    assert any("Resuming" in line and "epoch 3" in line for line in lines)
+    assert [line for line in lines if line.startswith("Epoch:")][0].startswith("Epoch: 3")
+    assert len(resumed.history) == len(full.history) == 3
+    timing = ("epoch_seconds", "train_images_per_s")
+    for a, b in zip(full.history, resumed.history):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt")["model"], load_checkpoint(tmp_path / "split" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    jsonl = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in jsonl] == [1, 2, 3]
+
+
+def test_cli_train_with_config_file_and_override(image_folder, tmp_path):
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(
+        'model = "resnet20_cifar"\nepochs = 5\nbatch-size = 8\nimg-size = 16\nopt = "adamw"\nlr = 0.01\n'
+        "[model_kwargs]\nwidths = [4, 8, 8]\n"
+    )
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config_file), "--data", str(image_folder), "--epochs", "1",
+                 "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == 1 and saved["opt"] == "adamw" and saved["model_kwargs"] == {"widths": [4, 8, 8]}
+    assert resolve_config(out / "config.json").opt == "adamw"  # the saved config is a valid config file
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_demo_configuration_runs(tmp_path):
+    # The README's demo command runs DEMO_CONFIG for 15 epochs; one epoch here proves the set-up works.
+    config = resolve_config(None, **{**DEMO_CONFIG, "epochs": 1, "out": str(tmp_path / "demo")})
+    result = excite.fit(config, log=lambda _: None)
+    assert len(result.history) == 1 and 0 <= result.best_acc <= 1
+    assert load_checkpoint(result.run_dir / "last.pt")["classes"] == [str(d) for d in range(10)]
