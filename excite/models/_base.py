@@ -43,3 +43,18 @@ class ClassifierModel(nn.Module):
             nn.init.zeros_(head.bias)
         setattr(self, self.head_name, head)
         self.num_classes = num_classes
+
+
+def init_weights(model: nn.Module, conv_fan: str = "fan_in") -> None:
+    """Kaiming-normal convolutions (He et al., 2015), BN at identity, zero Linear biases.
+
+    ``conv_fan`` is "fan_in" for torchvision's DenseNet and "fan_out" for its ResNet.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode=conv_fan, nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from excite.models._base import ClassifierModel
+from excite.models._base import ClassifierModel, init_weights
 from excite.models._registry import register_model
 from excite.nn.attention import AttnSpec, create_attn
 
@@ -106,18 +106,6 @@ class Transition(nn.Sequential):
             ("conv", nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)),
             ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
         ]))
-
-
-def init_weights(model: nn.Module) -> None:
-    """torchvision's DenseNet initialisation: Kaiming-normal convolutions, unit BN, zero biases."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
 
 
 def imagenet_stem(in_chans: int, channels: int) -> list[tuple[str, nn.Module]]:

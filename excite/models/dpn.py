@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from excite.models._base import ClassifierModel
+from excite.models._base import ClassifierModel, init_weights
 from excite.models._registry import register_model
 from excite.nn.attention import AttnSpec, create_attn
 
@@ -118,12 +118,7 @@ class DPN(ClassifierModel):
         self.features = nn.Sequential(OrderedDict(blocks))
         self.classifier = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, conv_fan="fan_out")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

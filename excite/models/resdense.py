@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from excite.models._base import ClassifierModel
+from excite.models._base import ClassifierModel, init_weights
 from excite.models._registry import register_model
-from excite.models.densenet import Transition, imagenet_stem, init_weights
+from excite.models.densenet import Transition, imagenet_stem
 from excite.nn.attention import AttnSpec, create_attn
 
 

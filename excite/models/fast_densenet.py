@@ -1,0 +1,141 @@
+"""A leaner DenseNet block: one buffer per block instead of a concatenation per layer.
+
+The plain :class:`~excite.models.densenet.DenseBlock` concatenates every earlier feature map before each
+layer, so a block of L layers copies O(L^2) channels, and autograd keeps each concatenation and its
+BN-ReLU output for the backward pass. :class:`FastDenseBlock` allocates the block's output once; each
+layer reads its input as a channel prefix of that buffer and writes its new features after it. The
+BN-ReLU-Conv1x1 bottleneck over the prefix is a custom autograd Function that saves only the batch
+statistics and recomputes BN-ReLU in backward (the memory-efficient DenseNet of Pleiss et al., 2017).
+
+The block has the same parameters, buffers and state-dict keys as the plain one and computes the same
+function (running statistics included), so weights interchange and :func:`make_fast` converts a built
+model in place.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from excite.models.densenet import DenseBlock, DenseLayer
+
+
+class _Bottleneck(torch.autograd.Function):
+    """Training-mode ``conv1(relu(norm1(buffer[:, :C])))`` where ``features`` fill ``buffer[:, :C]``.
+
+    ``features`` are the differentiable inputs (their gradients are the split of the prefix's
+    gradient); ``buffer`` only carries their values, so later layers may write its other channels.
+    """
+
+    @staticmethod
+    def forward(ctx, buffer: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                running_mean: torch.Tensor, running_var: torch.Tensor, conv_weight: torch.Tensor,
+                momentum: float, eps: float, *features: torch.Tensor) -> torch.Tensor:
+        sizes = [f.shape[1] for f in features]
+        # Compute in the buffer's dtype (bf16 under autocast) and cast the weight as autocast would.
+        with torch.autocast(buffer.device.type, enabled=False):
+            hidden, mean, invstd = torch.ops.aten.native_batch_norm(
+                buffer[:, :sum(sizes)], norm_weight, norm_bias, running_mean, running_var, True, momentum, eps)
+            out = F.conv2d(hidden.relu_(), conv_weight.to(hidden.dtype))
+        ctx.buffer = buffer  # not save_for_backward: later layers write its other channels in place
+        ctx.sizes, ctx.eps = sizes, eps
+        ctx.save_for_backward(norm_weight, norm_bias, conv_weight, mean, invstd)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        norm_weight, norm_bias, conv_weight, mean, invstd = ctx.saved_tensors
+        # A dense copy of the prefix: the batch-norm backward kernels are much slower on a strided view.
+        x = ctx.buffer[:, :sum(ctx.sizes)].contiguous(memory_format=_memory_format(ctx.buffer))
+        scale = norm_weight * invstd
+        shift = norm_bias - mean * scale
+        hidden = torch.addcmul(shift[:, None, None], x, scale[:, None, None]).relu_().to(x.dtype)
+        grad_hidden, grad_conv, _ = torch.ops.aten.convolution_backward(
+            grad_out, hidden, conv_weight.to(hidden.dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [True, True, False])
+        grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0)  # ReLU's backward
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_hidden, x, norm_weight, None, None, mean, invstd, True, ctx.eps, [True, True, True])
+        return (None, grad_weight, grad_bias, None, None, grad_conv, None, None, *grad_x.split(ctx.sizes, 1))
+
+
+class _BlockOutput(torch.autograd.Function):
+    """``torch.cat(features, 1)`` whose result is ``buffer``, already filled with them: no copy forward,
+    a split of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, buffer: torch.Tensor, *features: torch.Tensor) -> torch.Tensor:
+        ctx.sizes = [f.shape[1] for f in features]
+        # Saved only for autograd's version check: an in-place change of the block's output would
+        # otherwise go unnoticed by the layers' backward, which reads the buffer.
+        ctx.save_for_backward(buffer)
+        return buffer
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        _ = ctx.saved_tensors  # unpacking is what runs the version check
+        return (None, *grad.split(ctx.sizes, 1))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _momentum(norm: nn.BatchNorm2d) -> float:
+    """Count the batch in ``num_batches_tracked`` and return the running-stat momentum, as BatchNorm2d does."""
+    norm.num_batches_tracked.add_(1)
+    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+
+
+def _new_features(layer: DenseLayer, hidden: torch.Tensor) -> torch.Tensor:
+    """The rest of ``DenseLayer.forward`` after its bottleneck: BN-ReLU-Conv3x3, attention, dropout."""
+    new = layer.attn(layer.conv2(layer.relu2(layer.norm2(hidden))))
+    return F.dropout(new, p=layer.drop_rate, training=layer.training) if layer.drop_rate > 0 else new
+
+
+class FastDenseBlock(DenseBlock):
+    """A :class:`DenseBlock` whose layers share one pre-allocated output buffer; same function, same weights.
+
+    Used in training and in inference without autograd. Two cases take the plain path: layers without a
+    bottleneck (``bn_size=0``), and eval mode with autograd on (fine-tuning with frozen BN statistics).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = [m for name, m in self.named_children() if name.startswith("denselayer")]
+        if layers[0].bn_size == 0 or (not self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        buffer = torch.empty((x.shape[0], self.out_channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                             memory_format=_memory_format(x))
+        features = [x]
+        filled = x.shape[1]
+        with torch.no_grad():
+            buffer[:, :filled] = x
+        for layer in layers:
+            if self.training:
+                hidden = _Bottleneck.apply(buffer, layer.norm1.weight, layer.norm1.bias, layer.norm1.running_mean,
+                                           layer.norm1.running_var, layer.conv1.weight, _momentum(layer.norm1),
+                                           layer.norm1.eps, *features)
+            else:
+                hidden = layer.conv1(layer.relu1(layer.norm1(buffer[:, :filled])))
+            new = _new_features(layer, hidden)
+            with torch.no_grad():
+                buffer[:, filled:filled + new.shape[1]] = new
+            features.append(new)
+            filled += new.shape[1]
+        return self.attn(_BlockOutput.apply(buffer, *features))
+
+
+def make_fast(model: nn.Module) -> nn.Module:
+    """Switch every plain :class:`DenseBlock` in ``model`` to :class:`FastDenseBlock`, in place.
+
+    Only the class changes: parameters, buffers and state-dict keys stay, so a checkpoint of either
+    loads into the other. Returns ``model``.
+    """
+    for module in model.modules():
+        if type(module) is DenseBlock:
+            module.__class__ = FastDenseBlock
+    return model
