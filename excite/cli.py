@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import sys
 from pathlib import Path
 
@@ -142,7 +141,12 @@ def cmd_summary(args: argparse.Namespace) -> None:
     from excite.models.summary import summary
 
     model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
-    print(summary(model, img_size=args.img_size, in_chans=args.in_chans, depth=args.depth))
+    try:
+        table = summary(model, img_size=args.img_size, in_chans=args.in_chans, depth=args.depth)
+    except RuntimeError as e:  # the input shrinks to nothing before the model's last layer
+        raise ExciteError(f"{args.model} cannot take {args.img_size}x{args.img_size} images "
+                          f"({str(e).splitlines()[0]}); use a larger --img-size") from None
+    print(table)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either.
+"""Safe file I/O: atomic writes (a reader sees the old file or the new one, never half of either) and
+torch files read without running code.
 
 Everything excite writes (checkpoints, weights, metrics, plots, configs) goes through :func:`atomic_write`:
 the data goes to a temporary file in the same directory, is flushed and fsynced, then renamed over the
@@ -9,10 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+import torch
+
+from excite.errors import CheckpointError
 
 
 @contextmanager
@@ -63,3 +71,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     """Write ``obj`` to ``path`` atomically as indented JSON with a final newline."""
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only, so nothing
+    stored in the file can run. A missing, corrupt or code-carrying file raises a one-line CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: pass a run directory, its last.pt or best.pt, or a weights file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty: the copy or download did not finish; get the file again")
+    try:
+        with warnings.catch_warnings():
+            # A plain pickle (not torch.save's zip) makes torch warn about its protocol before refusing it.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # how torch reports anything weights_only refuses, and non-torch files
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise CheckpointError(_not_torch(path)) from None
+        raise CheckpointError(f"refusing to load {path}: it contains pickled code ({found.group(1)}), which could run "
+                              "on your machine; only load files you trust, or re-save the weights as .safetensors") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # what torch.save has written since PyTorch 1.6
+        if not is_zip:
+            raise CheckpointError(_not_torch(path)) from None
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load {path} ({reason}): the file is truncated or corrupt; copy it again or "
+                              "use the run's other checkpoint") from None
+
+
+def _not_torch(path: Path) -> str:
+    return f"{path} is not a PyTorch file, or it is corrupt: pass a file written by torch.save or a .safetensors file"

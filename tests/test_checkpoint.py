@@ -150,8 +150,8 @@ def test_broken_or_foreign_checkpoints_raise_one_line_errors(tmp_path):
     (tmp_path / "empty_run").mkdir()
     cases = {
         "truncated.pt": "truncated or corrupt",
-        "empty.pt": "not a PyTorch checkpoint",
-        "text.pt": "not a PyTorch checkpoint",
+        "empty.pt": "is empty",
+        "text.pt": "not a PyTorch file",
         "plain_state_dict.pt": "not an excite checkpoint",
         "missing.pt": "does not exist",
         "empty_run": "last.pt does not exist",

@@ -141,7 +141,7 @@ class _Hostile:
 def test_hostile_pickle_is_refused_without_running(tmp_path):
     marker, path = tmp_path / "pwned", tmp_path / "weights.pt"
     torch.save({"conv1.weight": torch.zeros(1), "payload": _Hostile(marker)}, path)
-    with pytest.raises(CheckpointError, match="plain weights"):
+    with pytest.raises(CheckpointError, match=r"refusing to load .* pickled code \(io.open\)"):
         load_weights(create_model("resnet20_cifar"), path)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the file is really hostile: a trusting load runs its payload
@@ -149,8 +149,8 @@ def test_hostile_pickle_is_refused_without_running(tmp_path):
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("missing.pt", None, "not found"),
-    ("garbage.pt", b"not a weights file", "cannot be read as plain weights"),
+    ("missing.pt", None, "does not exist"),
+    ("garbage.pt", b"not a weights file", "not a PyTorch file"),
     ("garbage.safetensors", b"not a weights file", "not a valid safetensors file"),
 ])
 def test_missing_or_corrupt_file(tmp_path, name: str, content: bytes | None, message: str):
@@ -164,5 +164,5 @@ def test_truncated_file(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(create_model("resnet20_cifar").state_dict(), path)
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_weights(create_model("resnet20_cifar"), path)

@@ -8,7 +8,6 @@ and Linear weights are reshaped into each other. Files are read without running 
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from excite.errors import CheckpointError
+from excite.io import safe_torch_load
 
 StateDict = Mapping[str, torch.Tensor]
 WeightsSource = Union[str, os.PathLike, StateDict]
@@ -95,20 +95,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a weights file without running code from it: a state dict, or an excite checkpoint's ``"model"``."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
+        raise CheckpointError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         try:
             return load_file(path, device="cpu")
         except SafetensorError as e:
             raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
-    try:
-        # weights_only refuses any pickled object outside tensors and plain containers, so nothing runs.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} cannot be read as plain weights: it is not a torch file, or holds objects that "
-                              f"only a code-running load could create; save a state dict or .safetensors") from None
-    except (RuntimeError, EOFError):
-        raise CheckpointError(f"{path} is corrupt or truncated: save or download it again") from None
+    obj = safe_torch_load(path)
     return _as_state_dict(obj, str(path))
 
 

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
-import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from excite.errors import CheckpointError, UnknownModelError
-from excite.io import atomic_write
+from excite.io import atomic_write, safe_torch_load
 from excite.models import create_model
 
 FORMAT = "excite-checkpoint"
@@ -52,8 +50,6 @@ BEST = "best.pt"
 # What a weights file needs besides the tensors to rebuild the model and prepare its inputs.
 WEIGHTS_METADATA = ("model_name", "model_kwargs", "classes", "img_size", "preset")
 
-# torch.save writes a zip archive; anything else (a bare pickle, a pre-1.6 torch file) is never unpickled.
-_ZIP_MAGIC = b"PK\x03\x04"
 # Exact types, not subclasses: numpy.float64 is a float but pickles as a numpy global that
 # weights_only refuses, and a namedtuple is a tuple that pickles as its class.
 _PLAIN_LEAVES = (bool, int, float, str, type(None))
@@ -131,24 +127,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         path = path / LAST
     if path.suffix == ".safetensors":
         return read_weights(path, device=str(map_location))
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: pass a run directory, its last.pt or best.pt, "
-                              "or a .safetensors weights file")
-    with open(path, "rb") as f:
-        if f.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.save writes zip archives): pass a "
-                                  "last.pt or best.pt from an excite run, or a .safetensors weights file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # how torch reports anything weights_only refuses
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = found.group(1) if found else "objects other than tensors, numbers and strings"
-        raise CheckpointError(f"refusing to load {path}: it contains pickled code ({what}), which could run on "
-                              "your machine; only load checkpoints you trust, or re-save the weights as "
-                              ".safetensors") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
-        raise CheckpointError(f"cannot load {path} ({_first_sentence(e)}): the file is truncated or corrupt; "
-                              "copy it again or use the run's other checkpoint") from None
+    ckpt = safe_torch_load(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not an excite checkpoint: pass a last.pt or best.pt "
                               "written by `excite train`")
