@@ -45,7 +45,8 @@ class TensorCache:
                             f"of shape {tuple(self.images.shape)}")
         self.labels = torch.as_tensor(self.labels, dtype=torch.int64, device=self.images.device)
         if self.labels.shape != self.images.shape[:1]:
-            raise DataError(f"got {len(self.images)} images but {self.labels.numel()} labels: pass one label per image")
+            raise DataError(f"got {len(self.images)} images but {self.labels.numel()} labels: "
+                            "pass one label per image")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -147,11 +148,14 @@ class CachedLoader:
     """
 
     def __init__(self, data: TensorCache, batch_size: int, *, train: bool, device: str | torch.device = "cpu",
-                 mean: Sequence[float] = NORMALIZATION["cifar"][0], std: Sequence[float] = NORMALIZATION["cifar"][1],
-                 pad: int = 4, flip: bool = True, dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 drop_last: bool = False, seed: int = 0) -> None:
+                 mean: Sequence[float] = NORMALIZATION["cifar"][0],
+                 std: Sequence[float] = NORMALIZATION["cifar"][1],
+                 pad: int = 4, flip: bool = True, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False, drop_last: bool = False, seed: int = 0) -> None:
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
+        if pad < 0:
+            raise DataError(f"crop padding must be 0 or more pixels, got {pad}")
         if not dtype.is_floating_point:
             raise DataError(f"batches must have a floating-point dtype, got {dtype}")
         self.device = torch.device(device)
@@ -179,7 +183,8 @@ class CachedLoader:
             no_flip = torch.zeros(n, dtype=torch.bool, device=device)
             return EpochPlan(torch.arange(n, device=device), offsets, offsets, no_flip)
         # The same (seed, epoch) -> seed mixing as excite.data.loader; torch generators take 64-bit seeds.
-        generator = torch.Generator(device).manual_seed(int(np.random.default_rng([self.seed, epoch]).integers(2**63)))
+        seed = int(np.random.default_rng([self.seed, epoch]).integers(2**63))
+        generator = torch.Generator(device).manual_seed(seed)
         order = torch.randperm(n, generator=generator, device=device)
         top, left = torch.randint(2 * self.pad + 1, (2, n), generator=generator, device=device)
         flip = torch.rand(n, generator=generator, device=device) < 0.5
@@ -188,10 +193,10 @@ class CachedLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan = self.plan(self.epoch)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            end = start + self.batch_size
-            index = plan.order[start:end]
+            part = slice(start, start + self.batch_size)
+            index = plan.order[part]
             images = self.images[index]
             if self.train:
-                images = crop_flip(images, plan.top[start:end], plan.left[start:end], plan.flip[start:end], self.pad)
+                images = crop_flip(images, plan.top[part], plan.left[part], plan.flip[part], self.pad)
             images = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), self.mean, self.std)
             yield images.to(self.dtype).contiguous(memory_format=self.memory_format), self.labels[index]

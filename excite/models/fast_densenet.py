@@ -22,24 +22,23 @@ from excite.models.densenet import DenseBlock, DenseLayer
 
 
 class _Bottleneck(torch.autograd.Function):
-    """Training-mode ``conv1(relu(norm1(buffer[:, :C])))`` where ``features`` fill ``buffer[:, :C]``.
+    """Training-mode ``conv1(relu(norm1(buffer[:, :channels])))``, where ``features`` fill those channels.
 
     ``features`` are the differentiable inputs (their gradients are the split of the prefix's
     gradient); ``buffer`` only carries their values, so later layers may write its other channels.
     """
 
     @staticmethod
-    def forward(ctx, buffer: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+    def forward(ctx, buffer: torch.Tensor, channels: int, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
                 running_mean: torch.Tensor, running_var: torch.Tensor, conv_weight: torch.Tensor,
                 momentum: float, eps: float, *features: torch.Tensor) -> torch.Tensor:
-        sizes = [f.shape[1] for f in features]
         # Compute in the buffer's dtype (bf16 under autocast) and cast the weight as autocast would.
         with torch.autocast(buffer.device.type, enabled=False):
             hidden, mean, invstd = torch.ops.aten.native_batch_norm(
-                buffer[:, :sum(sizes)], norm_weight, norm_bias, running_mean, running_var, True, momentum, eps)
+                buffer[:, :channels], norm_weight, norm_bias, running_mean, running_var, True, momentum, eps)
             out = F.conv2d(hidden.relu_(), conv_weight.to(hidden.dtype))
         ctx.buffer = buffer  # not save_for_backward: later layers write its other channels in place
-        ctx.sizes, ctx.eps = sizes, eps
+        ctx.sizes, ctx.eps = [f.shape[1] for f in features], eps
         ctx.save_for_backward(norm_weight, norm_bias, conv_weight, mean, invstd)
         return out
 
@@ -58,7 +57,8 @@ class _Bottleneck(torch.autograd.Function):
         grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0)  # ReLU's backward
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad_hidden, x, norm_weight, None, None, mean, invstd, True, ctx.eps, [True, True, True])
-        return (None, grad_weight, grad_bias, None, None, grad_conv, None, None, *grad_x.split(ctx.sizes, 1))
+        return (None, None, grad_weight, grad_bias, None, None, grad_conv, None, None,
+                *grad_x.split(ctx.sizes, 1))
 
 
 class _BlockOutput(torch.autograd.Function):
@@ -98,15 +98,17 @@ def _new_features(layer: DenseLayer, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class FastDenseBlock(DenseBlock):
-    """A :class:`DenseBlock` whose layers share one pre-allocated output buffer; same function, same weights.
+    """A :class:`DenseBlock` whose layers share one pre-allocated output buffer in training; same function,
+    same weights.
 
-    Used in training and in inference without autograd. Two cases take the plain path: layers without a
-    bottleneck (``bn_size=0``), and eval mode with autograd on (fine-tuning with frozen BN statistics).
+    Eval mode takes the plain path: inference keeps no activations for backward, so there is little
+    memory to save, and on a CPU batch norm over a strided view of the buffer costs more than the
+    concatenation it replaces. Layers without a bottleneck (``bn_size=0``) take it too.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = [m for name, m in self.named_children() if name.startswith("denselayer")]
-        if layers[0].bn_size == 0 or (not self.training and torch.is_grad_enabled()):
+        if layers[0].bn_size == 0 or not self.training:
             return super().forward(x)
         buffer = torch.empty((x.shape[0], self.out_channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
                              memory_format=_memory_format(x))
@@ -115,12 +117,9 @@ class FastDenseBlock(DenseBlock):
         with torch.no_grad():
             buffer[:, :filled] = x
         for layer in layers:
-            if self.training:
-                hidden = _Bottleneck.apply(buffer, layer.norm1.weight, layer.norm1.bias, layer.norm1.running_mean,
-                                           layer.norm1.running_var, layer.conv1.weight, _momentum(layer.norm1),
-                                           layer.norm1.eps, *features)
-            else:
-                hidden = layer.conv1(layer.relu1(layer.norm1(buffer[:, :filled])))
+            norm = layer.norm1
+            hidden = _Bottleneck.apply(buffer, filled, norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                                       layer.conv1.weight, _momentum(norm), norm.eps, *features)
             new = _new_features(layer, hidden)
             with torch.no_grad():
                 buffer[:, filled:filled + new.shape[1]] = new

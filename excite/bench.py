@@ -1,0 +1,367 @@
+"""Speed and memory of excite models next to their torchvision and timm twins, measured the same way.
+
+For each candidate (the excite model, its fast variant where there is one, and the peers that are
+installed) in one process, on one random batch:
+
+* **train**: a full step (forward, cross-entropy, backward, SGD with momentum) in training mode;
+* **infer**: a forward pass in eval mode under ``torch.inference_mode``.
+
+Candidates are warmed up, then timed in ``repeats`` interleaved rounds of ``iters`` steps each, so
+that a slow spell of a shared machine hits all of them alike. Per-step times come from CUDA events
+on a GPU and from ``time.perf_counter`` on a CPU (where every op is synchronous); throughput is
+``batch_size`` over the median step time; the fastest step is kept too, the steadiest figure on a
+machine that other jobs share. Peak memory is measured in a separate pass, after the
+timing: the most bytes of tensors alive during one step above those alive before it (activations,
+gradients and temporaries; not the weights or the optimizer state), from
+``torch.cuda.max_memory_allocated`` on CUDA and from the profiler's allocation trace on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import excite
+from excite.errors import ExciteError
+from excite.io import atomic_write_json, atomic_write_text
+from excite.models import DenseNet, create_model
+from excite.models.fast_densenet import make_fast
+
+MODES = ("train", "infer")
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: The same architecture elsewhere: excite name -> {package: name in that package}.
+PEERS: dict[str, dict[str, str]] = {
+    **{f"densenet{d}": {"torchvision": f"densenet{d}", "timm": f"densenet{d}"} for d in (121, 161, 169, 201)},
+    **{f"resnet{d}": {"torchvision": f"resnet{d}", "timm": f"resnet{d}"} for d in (18, 34, 50, 101, 152)},
+    **{f"se_resnet{d}": {"timm": f"seresnet{d}"} for d in (18, 34, 50, 101, 152)},
+}
+
+
+@dataclass
+class _Candidate:
+    impl: str    # "excite", "excite-fast", "torchvision" or "timm"
+    source: str  # what was built, e.g. "timm.seresnet50"
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def _build_peer(package: str, name: str, num_classes: int) -> nn.Module:
+    if package == "torchvision":
+        return getattr(importlib.import_module("torchvision.models"), name)(weights=None, num_classes=num_classes)
+    return importlib.import_module("timm").create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def _build_models(model_name: str, num_classes: int, peers: bool, fast: bool) -> list[tuple[str, str, nn.Module]]:
+    """(impl, source, model) for every candidate to measure, the excite model first."""
+    model = create_model(model_name, num_classes=num_classes)
+    models = [("excite", f"excite.{model_name}", model)]
+    if fast and isinstance(model, DenseNet):
+        models.append(("excite-fast", f"excite.{model_name} + make_fast", make_fast(copy.deepcopy(model))))
+    for package, name in (PEERS.get(model_name, {}).items() if peers else ()):
+        if importlib.util.find_spec(package) is not None:
+            models.append((package, f"{package}.{name}", _build_peer(package, name, num_classes)))
+    return models
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ExciteError(f"benchmark device must be auto, cpu or cuda[:index], got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ExciteError("benchmark device is cuda but no CUDA GPU is available: use --device cpu")
+    return dev
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
+                                       "excite": excite.__version__}
+    for package in ("torchvision", "timm"):
+        spec = importlib.util.find_spec(package)
+        versions[package] = importlib.import_module(package).__version__ if spec is not None else None
+    return versions
+
+
+def _time_steps(step: Callable[[], None], iters: int, device: torch.device) -> list[float]:
+    """Seconds each of ``iters`` calls of ``step`` took."""
+    if device.type == "cuda":
+        # Events time the GPU's own timeline without stalling the queue between steps.
+        torch.cuda.synchronize(device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+        events[0].record()
+        for event in events[1:]:
+            step()
+            event.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in itertools.pairwise(events)]
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _step_memory(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes of tensors alive during one ``step`` above those alive before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    # "Total Allocated" counts the bytes of every allocation the profiler has seen that is still alive,
+    # so the step's own peak is measured from the total just before its first event.
+    totals = [e["args"]["Total Allocated"] for e in events]
+    before = totals[0] - events[0]["args"]["Bytes"]
+    return max(before, *totals) - before
+
+
+def _make_step(candidate: _Candidate, mode: str, x: torch.Tensor, y: torch.Tensor,
+               amp: str | None) -> Callable[[], None]:
+    model, optimizer, scaler = candidate.model, candidate.optimizer, candidate.scaler
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(x.device.type, dtype=AMP_DTYPES[amp], enabled=amp is not None)
+
+    def train_step() -> None:
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        # Freed here rather than before the forward so that every step starts without gradients.
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.inference_mode()
+    def infer_step() -> None:
+        with autocast():
+            model(x)
+
+    return train_step if mode == "train" else infer_step
+
+
+def _summary(times: list[float], batch_size: int, memory: int) -> dict[str, float]:
+    median = statistics.median(times)
+    p90 = statistics.quantiles(times, n=10, method="inclusive")[-1]
+    return {"img_per_s": round(batch_size / median, 2), "ms_median": round(median * 1e3, 3),
+            "ms_p90": round(p90 * 1e3, 3), "ms_min": round(min(times) * 1e3, 3),
+            "peak_mem_mib": round(memory / 2**20, 2)}
+
+
+def benchmark(
+    model_name: str,
+    *,
+    batch_size: int = 32,
+    img_size: int = 224,
+    mode: str | Sequence[str] = MODES,
+    amp: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    device: str = "auto",
+    warmup: int = 3,
+    iters: int = 10,
+    repeats: int = 3,
+    threads: int | None = None,
+    peers: bool = True,
+    fast: bool = True,
+    num_classes: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Measure ``model_name`` (and its peers) and return the results as a JSON-ready dict.
+
+    Args:
+        mode: "train", "infer" or both.
+        amp: None (fp32), "bf16" or "fp16" autocast; fp16 training uses a GradScaler.
+        channels_last: put the models and the batch in channels-last memory format.
+        compile: wrap every model in ``torch.compile``.
+        device: "auto" (CUDA when available), "cpu" or "cuda[:i]".
+        warmup: untimed steps per candidate and mode before timing.
+        iters, repeats: ``repeats`` interleaved rounds of ``iters`` timed steps per candidate.
+        threads: torch intra-op threads (default: every core this process may use).
+        peers: also measure the torchvision / timm equivalents from :data:`PEERS` that are installed.
+        fast: also measure DenseNets converted by :func:`excite.models.fast_densenet.make_fast`.
+
+    The dict holds the device, versions, date, settings, per-candidate ``results`` (img/s, median and
+    p90 ms per batch, peak step memory in MiB, parameter count) and ``ratios``: throughput of each
+    excite implementation over each other candidate (above 1: the excite one is faster).
+    """
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    if not modes or any(m not in MODES for m in modes):
+        raise ExciteError(f"benchmark mode must be train, infer or both, got {mode!r}")
+    if amp not in AMP_DTYPES:
+        raise ExciteError(f"amp must be none, bf16 or fp16, got {amp!r}")
+    if min(batch_size, img_size, iters, repeats) < 1 or warmup < 0 or iters * repeats < 2:
+        raise ExciteError("batch size, image size, iters and repeats must be positive, "
+                          "with at least 2 timed steps in all")
+    dev = _device(device)
+    if threads is not None or dev.type == "cpu":
+        torch.set_num_threads(threads or _usable_cores())
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the fastest kernels for this fixed shape, for every candidate
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    torch.manual_seed(seed)
+    x = torch.randn(batch_size, 3, img_size, img_size, device=dev).contiguous(memory_format=memory_format)
+    y = torch.randint(num_classes, (batch_size,), device=dev)
+    candidates = []
+    for impl, source, model in _build_models(model_name, num_classes, peers, fast):
+        model.to(dev, memory_format=memory_format)
+        # SGD with the usual ImageNet hyper-parameters: the update's cost, not its quality, matters here.
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        candidates.append(_Candidate(impl, source, torch.compile(model) if compile else model, optimizer,
+                                     torch.amp.GradScaler(dev.type, enabled=amp == "fp16")))
+
+    results = {c.impl: {"source": c.source, "params": sum(p.numel() for p in c.model.parameters())}
+               for c in candidates}
+    for m in modes:
+        steps = {}
+        for c in candidates:
+            c.model.train(m == "train")
+            steps[c.impl] = _make_step(c, m, x, y, amp)
+            for _ in range(warmup):
+                steps[c.impl]()
+        times: dict[str, list[float]] = {c.impl: [] for c in candidates}
+        for r in range(repeats):
+            for c in candidates[r % len(candidates):] + candidates[:r % len(candidates)]:  # each leads a round
+                times[c.impl] += _time_steps(steps[c.impl], iters, dev)
+        for c in candidates:
+            results[c.impl][m] = _summary(times[c.impl], batch_size, _step_memory(steps[c.impl], dev))
+
+    ratios = {f"{a}/{b}": {m: round(results[a][m]["img_per_s"] / results[b][m]["img_per_s"], 3) for m in modes}
+              for a in results if a.startswith("excite") for b in results if b != a and b != "excite-fast"}
+    return {
+        "model": model_name,
+        "device": _device_name(dev),
+        "device_type": dev.type,
+        "threads": torch.get_num_threads(),
+        "versions": _versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"batch_size": batch_size, "img_size": img_size, "modes": list(modes), "amp": amp,
+                     "channels_last": channels_last, "compile": compile, "warmup": warmup, "iters": iters,
+                     "repeats": repeats, "num_classes": num_classes, "seed": seed,
+                     "cudnn_benchmark": dev.type == "cuda"},
+        "peers_missing": sorted(set(PEERS.get(model_name, {})) - set(results)) if peers else [],
+        "results": results,
+        "ratios": ratios,
+    }
+
+
+def format_report(result: dict) -> str:
+    """A short markdown report of one :func:`benchmark` result: a table per candidate, then the ratios."""
+    s, modes = result["settings"], result["settings"]["modes"]
+    settings = (f"batch {s['batch_size']}, {s['img_size']}x{s['img_size']}, amp {s['amp'] or 'fp32'}, "
+                f"channels_last {s['channels_last']}, compile {s['compile']}, "
+                f"{s['repeats']}x{s['iters']} timed steps; torch {result['versions']['torch']}")
+    lines = [f"### {result['model']} on {result['device']}, torch threads: {result['threads']}", "", settings, ""]
+    header = ["impl", "source", "params (M)"]
+    for m in modes:
+        header += [f"{m} img/s", f"{m} ms min / p50 / p90", f"{m} peak MiB"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for impl, r in result["results"].items():
+        row = [impl, r["source"], f"{r['params'] / 1e6:.2f}"]
+        for m in modes:
+            times = " / ".join(f"{r[m][k]:.1f}" for k in ("ms_min", "ms_median", "ms_p90"))
+            row += [f"{r[m]['img_per_s']:.1f}", times, f"{r[m]['peak_mem_mib']:.0f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    if result["ratios"]:
+        lines += ["", "Throughput ratios (above 1: the first is faster): " + "; ".join(
+            f"{pair} " + ", ".join(f"{m} {v:.2f}x" for m, v in r.items()) for pair, r in result["ratios"].items())]
+    if result["peers_missing"]:
+        lines += ["", f"Not installed, so not measured: {', '.join(result['peers_missing'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``excite bench`` options, for the CLI to mount on its sub-command."""
+    parser.add_argument("models", nargs="+", help="registered model names, e.g. densenet121 se_resnet50")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--mode", choices=("train", "infer", "both"), default="both")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip torchvision / timm")
+    parser.add_argument("--no-fast", dest="fast", action="store_false", help="skip the fast DenseNet variant")
+    parser.add_argument("--json", type=Path, help="write the results (a list, one per model) here")
+    parser.add_argument("--markdown", type=Path, help="write the report here")
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    """Run :func:`benchmark` for each of ``args.models``, print the reports and write the files asked for."""
+    results, reports = [], []
+    for name in args.models:
+        result = benchmark(name, batch_size=args.batch_size, img_size=args.img_size,
+                           mode=MODES if args.mode == "both" else args.mode,
+                           amp=None if args.amp == "none" else args.amp, channels_last=args.channels_last,
+                           compile=args.compile, device=args.device, warmup=args.warmup, iters=args.iters,
+                           repeats=args.repeats, threads=args.threads, peers=args.peers, fast=args.fast)
+        results.append(result)
+        reports.append(format_report(result))
+        print(reports[-1], flush=True)
+    for path in (args.json, args.markdown):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    if args.json:
+        atomic_write_json(args.json, results)
+    if args.markdown:
+        atomic_write_text(args.markdown, "\n".join(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m excite.bench", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    raise SystemExit(main_bench(_parser.parse_args()))

@@ -1,0 +1,81 @@
+"""The benchmark measures every candidate the same way and reports what it measured."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from excite import bench
+from excite.errors import ExciteError
+
+TINY = dict(batch_size=2, img_size=32, warmup=1, iters=1, repeats=2, device="cpu", threads=1)
+
+
+def test_benchmark_measures_excite_and_its_peers():
+    result = bench.benchmark("resnet18", mode="train", **TINY)
+    results = result["results"]
+    assert list(results) == ["excite", "torchvision", "timm"]
+    assert len({r["params"] for r in results.values()}) == 1  # the same architecture three times
+    for r in results.values():
+        train = r["train"]
+        assert train["img_per_s"] == pytest.approx(2 / (train["ms_median"] / 1e3), rel=1e-2)
+        assert 0 < train["ms_min"] <= train["ms_median"] <= train["ms_p90"]
+        assert train["peak_mem_mib"] > 0
+    assert result["ratios"]["excite/timm"]["train"] == pytest.approx(
+        results["excite"]["train"]["img_per_s"] / results["timm"]["train"]["img_per_s"], rel=1e-2)
+    assert result["threads"] == 1 and result["device_type"] == "cpu"
+    assert result["versions"]["timm"] and result["settings"]["modes"] == ["train"]
+    json.dumps(result)  # JSON-ready as it is
+
+    report = bench.format_report(result)
+    assert "| excite | excite.resnet18 |" in report and "timm.resnet18" in report
+    assert "excite/torchvision" in report
+
+
+def test_benchmark_adds_the_fast_densenet():
+    result = bench.benchmark("densenet_bc_100", mode=("train", "infer"), peers=False, **TINY)
+    assert list(result["results"]) == ["excite", "excite-fast"]
+    assert set(result["ratios"]) == {"excite-fast/excite"}
+    assert set(result["ratios"]["excite-fast/excite"]) == {"train", "infer"}
+    # The buffer block keeps no concatenation per layer for backward.
+    memory = {impl: r["train"]["peak_mem_mib"] for impl, r in result["results"].items()}
+    assert memory["excite-fast"] < memory["excite"]
+
+
+def test_step_memory_on_cpu_counts_the_tensors_alive_in_the_step():
+    kept = torch.zeros(2**18)  # alive before and after: not counted
+
+    def step():
+        a = torch.ones(2**20)  # 4 MiB
+        b = a * 2              # 4 MiB more while a is alive
+        del a, b
+        torch.ones(2**19)      # 2 MiB, after both were freed
+
+    # 8 MiB at the peak, and a few bytes of scalars the ops wrap as tensors.
+    assert bench._step_memory(step, torch.device("cpu")) == pytest.approx(2 * 2**22, abs=1024)
+    assert kept.numel() == 2**18
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="fly"), "mode"),
+    (dict(amp="int8"), "amp"),
+    (dict(iters=1, repeats=1), "2 timed steps"),
+    (dict(device="tpu"), "device"),
+])
+def test_benchmark_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ExciteError, match=match):
+        bench.benchmark("resnet18", **{**TINY, **kwargs})
+
+
+def test_main_bench_prints_and_writes_the_results(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["resnet20_cifar", "--mode", "infer", "--device", "cpu", "--batch-size", "2",
+                              "--img-size", "32", "--iters", "2", "--repeats", "1", "--warmup", "0",
+                              "--threads", "1", "--json", str(tmp_path / "r.json"),
+                              "--markdown", str(tmp_path / "r.md")])
+    assert bench.main_bench(args) == 0
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert [r["model"] for r in written] == ["resnet20_cifar"]
+    assert list(written[0]["results"]) == ["excite"] and "train" not in written[0]["results"]["excite"]
+    assert (tmp_path / "r.md").read_text() in capsys.readouterr().out
