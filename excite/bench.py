@@ -42,7 +42,7 @@ import excite
 from excite.errors import ExciteError
 from excite.io import atomic_write_json, atomic_write_text
 from excite.models import DenseNet, create_model
-from excite.models.fast_densenet import make_fast
+from excite.nn.dense_fast import make_fast
 
 MODES = ("train", "infer")
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -227,7 +227,7 @@ def benchmark(
         iters, repeats: ``repeats`` interleaved rounds of ``iters`` timed steps per candidate.
         threads: torch intra-op threads (default: every core this process may use).
         peers: also measure the torchvision / timm equivalents from :data:`PEERS` that are installed.
-        fast: also measure DenseNets converted by :func:`excite.models.fast_densenet.make_fast`.
+        fast: also measure DenseNets converted by :func:`excite.nn.dense_fast.make_fast`.
 
     The dict holds the device, versions, date, settings, per-candidate ``results`` (img/s, median and
     p90 ms per batch, peak step memory in MiB, parameter count) and ``ratios``: throughput of each

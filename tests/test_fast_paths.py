@@ -10,8 +10,10 @@ from torchvision.transforms.v2 import functional as TF
 from excite.data import gpu_cache
 from excite.data.gpu_cache import CachedLoader, TensorCache, crop_flip
 from excite.errors import DataError
-from excite.models.densenet import DenseBlock, DenseNet
-from excite.models.fast_densenet import FastDenseBlock, make_fast
+from excite.models import create_model
+from excite.models.densenet import DenseNet
+from excite.nn.dense import DenseBlock
+from excite.nn.dense_fast import FastDenseBlock, make_fast
 
 
 def tiny_densenet(**kwargs) -> DenseNet:
@@ -228,3 +230,12 @@ def test_every_image_comes_once_per_epoch_with_its_label(train):
         seen += y.tolist()
     assert sorted(seen) == list(range(11))
     assert (seen == list(range(11))) == (not train)
+
+
+def test_impl_fast_builds_fast_blocks_with_plain_weights():
+    fast = create_model("densenet_bc_100", num_classes=3, block_config=(2, 2, 2), impl="fast")
+    plain = create_model("densenet_bc_100", num_classes=3, block_config=(2, 2, 2))
+    assert all(type(m) is FastDenseBlock for m in fast.features if isinstance(m, DenseBlock))
+    fast.load_state_dict(plain.state_dict())  # same keys and shapes
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(fast.train()(x), plain.train()(x), rtol=1e-5, atol=1e-5)  # training: the buffer path

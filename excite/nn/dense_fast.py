@@ -1,6 +1,6 @@
 """A leaner DenseNet block: one buffer per block instead of a concatenation per layer.
 
-The plain :class:`~excite.models.densenet.DenseBlock` concatenates every earlier feature map before each
+The plain :class:`~excite.nn.dense.DenseBlock` concatenates every earlier feature map before each
 layer, so a block of L layers copies O(L^2) channels, and autograd keeps each concatenation and its
 BN-ReLU output for the backward pass. :class:`FastDenseBlock` allocates the block's output once; each
 layer reads its input as a channel prefix of that buffer and writes its new features after it. The
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from excite.models.densenet import DenseBlock, DenseLayer
+from excite.nn.dense import DenseBlock
 
 
 class _Bottleneck(torch.autograd.Function):
@@ -91,12 +91,6 @@ def _momentum(norm: nn.BatchNorm2d) -> float:
     return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
 
 
-def _new_features(layer: DenseLayer, hidden: torch.Tensor) -> torch.Tensor:
-    """The rest of ``DenseLayer.forward`` after its bottleneck: BN-ReLU-Conv3x3, attention, dropout."""
-    new = layer.attn(layer.conv2(layer.relu2(layer.norm2(hidden))))
-    return F.dropout(new, p=layer.drop_rate, training=layer.training) if layer.drop_rate > 0 else new
-
-
 class FastDenseBlock(DenseBlock):
     """A :class:`DenseBlock` whose layers share one pre-allocated output buffer in training; same function,
     same weights.
@@ -120,7 +114,7 @@ class FastDenseBlock(DenseBlock):
             norm = layer.norm1
             hidden = _Bottleneck.apply(buffer, filled, norm.weight, norm.bias, norm.running_mean, norm.running_var,
                                        layer.conv1.weight, _momentum(norm), norm.eps, *features)
-            new = _new_features(layer, hidden)
+            new = layer.new_features(hidden)
             with torch.no_grad():
                 buffer[:, filled:filled + new.shape[1]] = new
             features.append(new)
