@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_models_lists_by_pattern(capsys):
     assert main(["models", "se_resnet*_cifar"]) == 0
     names = capsys.readouterr().out.split()
-    assert names == ["se_resnet110_cifar", "se_resnet164_cifar", "se_resnet20_cifar", "se_resnet56_cifar"]
+    assert names == ["se_resnet110_cifar", "se_resnet164_cifar", "se_resnet18_cifar", "se_resnet20_cifar",
+                     "se_resnet56_cifar"]
 
 
 def test_summary_prints_table_and_totals(capsys):

@@ -202,6 +202,12 @@ def _resnet_cifar(block: Block, n: int, kwargs: dict) -> ResNet:
 
 
 @register_model
+def resnet18_cifar(**kwargs) -> ResNet:
+    """ResNet-18's four stages (64-512 planes) behind the 3x3 CIFAR stem: the common strong CIFAR baseline."""
+    return _resnet(dict(block=BasicBlock, layers=(2, 2, 2, 2), stem="cifar", num_classes=10), kwargs)
+
+
+@register_model
 def resnet20_cifar(**kwargs) -> ResNet:
     return _resnet_cifar(BasicBlock, 3, kwargs)
 
@@ -219,6 +225,11 @@ def resnet110_cifar(**kwargs) -> ResNet:
 @register_model
 def resnet164_cifar(**kwargs) -> ResNet:
     return _resnet_cifar(Bottleneck, 18, kwargs)
+
+
+@register_model
+def se_resnet18_cifar(**kwargs) -> ResNet:
+    return resnet18_cifar(**_se(kwargs))
 
 
 @register_model
