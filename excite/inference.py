@@ -42,6 +42,8 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
     Writes ``eval.json`` and ``confusion_matrix.png`` into ``out`` (default: ``eval-<data>`` beside the
     checkpoint) and returns the metrics.
     """
+    if batch_size < 1:
+        raise ExciteError(f"--batch-size must be at least 1, got {batch_size}")
     torch_device = select_device(device)
     model, classes, transform, checkpoint = load_for_inference(checkpoint_path, torch_device)
     config = checkpoint.get("config", {})

@@ -1,6 +1,6 @@
 """Shared fixtures: a private excite cache for the whole session and small generated image folders."""
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest

@@ -77,6 +77,9 @@ def default_run_dir(model: str) -> Path:
 
 def resume_config(run_dir: str | Path, **overrides) -> TrainConfig:
     """The config a run was started with, with ``epochs``/``workers``/``device`` replaced when given."""
+    if not (Path(run_dir) / "last.pt").is_file():
+        raise CheckpointError(f"{run_dir} has no last.pt to resume from: give the directory of a run that finished "
+                              "at least one epoch, or start a new run")
     checkpoint = load_checkpoint(Path(run_dir) / "last.pt")
     values = dict(checkpoint["config"])
     for key, value in overrides.items():
@@ -97,6 +100,11 @@ def _check_input_size(model: torch.nn.Module, config: TrainConfig, img_size: int
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, img_size, img_size, device=device))
+    except torch.OutOfMemoryError:  # a RuntimeError too, but a smaller batch cannot help with one image
+        raise ExciteError(
+            f"out of GPU memory running one {img_size}x{img_size} image through {config.model}; "
+            "use a smaller --img-size or model, or --device cpu"
+        ) from None
     except RuntimeError as e:
         raise ExciteError(
             f"model {config.model} cannot take {img_size}x{img_size} images ({str(e).splitlines()[0]}); "
@@ -119,6 +127,10 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         checkpoint = load_checkpoint(run_dir / "last.pt")
     elif (run_dir / "last.pt").exists():
         raise ExciteError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    # A run killed while writing leaves the temporary file of that atomic write (excite.io names them
+    # ".<name>.<random>.tmp"); the target itself is whole, so the leftover is only wasted space.
+    for leftover in run_dir.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
 
@@ -140,7 +152,13 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
     train_loader = make_loader(data.train, config.batch_size, train=True, workers=workers, seed=config.seed)
     val_loader = make_loader(data.val, config.batch_size, train=False, workers=workers, seed=config.seed)
 
-    model = create_model(config.model, num_classes=len(data.classes), **config.model_kwargs)
+    try:
+        model = create_model(config.model, num_classes=len(data.classes), **config.model_kwargs)
+    except ExciteError:  # an unknown name: its message already lists the close matches
+        raise
+    except (TypeError, ValueError) as e:  # a --model-arg the builder does not take, or a value it cannot use
+        raise ExciteError(f"cannot build {config.model} with --model-arg values {config.model_kwargs} ({e}); "
+                          "fix or drop those --model-arg options") from None
     if config.pretrained and checkpoint is None:
         log(str(load_weights(model, config.pretrained, strict=False)))
     model.to(device)
@@ -187,6 +205,7 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
 
     mix = batch_mixer(len(data.classes), config.mixup, config.cutmix)
     epoch = start_epoch
+    skipped_in_run: dict[str, str] = {}  # images that became unreadable after the scan: path -> reason
     try:
         for epoch in range(start_epoch, config.epochs + 1):
             seed_everything(epoch_seed(config.seed, epoch))
@@ -195,11 +214,18 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                                     label_smoothing=config.label_smoothing, scaler=scaler, mix=mix,
                                     show_progress=show_progress)
             val = evaluate(train_model, val_loader, precision, len(data.classes), show_progress=show_progress)
+            now_skipped = {**train_loader.skipped, **val_loader.skipped}  # the loaders' lists only grow
+            if len(now_skipped) > len(skipped_in_run):
+                log(f"{len(now_skipped) - len(skipped_in_run)} image(s) became unreadable during epoch {epoch} and "
+                    f"were skipped; see {run_dir / 'skipped_files.txt'}")
+                skipped_in_run = now_skipped
+                atomic_write_text(run_dir / "skipped_files.txt", data.report.format_skipped() + "".join(
+                    f"{path}: {reason} (unreadable since the scan)\n" for path, reason in skipped_in_run.items()))
             row = {
                 "epoch": epoch, "train_acc": train.acc, "train_loss": train.loss, "val_acc": val.acc,
                 "val_loss": val.loss, "val_top5": val.top5, "lr": optimizer.param_groups[0]["lr"],
                 "epoch_seconds": train.seconds + val.seconds, "train_images_per_s": train.images_per_s,
-                "skipped_in_run": train_loader.skipped_count(),
+                "skipped_in_run": len(skipped_in_run),
             }
             history.append(row)
             log(format_epoch_line(epoch, train.acc, train.loss, val.acc, val.loss, row["lr"],
@@ -209,17 +235,24 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
             if is_best:
                 best_acc, best_epoch = val.acc, epoch
             checkpoint_state = state(epoch)
-            save_checkpoint(run_dir / "last.pt", checkpoint_state)
+            # best.pt before last.pt: a run killed between the two redoes this epoch on resume and writes
+            # both again, whereas the other order would resume past an epoch whose best.pt was never written.
             if is_best:
                 save_checkpoint(run_dir / "best.pt", checkpoint_state)
                 save_weights(run_dir / "best.safetensors", checkpoint_state)
+            save_checkpoint(run_dir / "last.pt", checkpoint_state)
             plot_curves(history, run_dir / "curves.png")
     except NonFiniteLossError as e:
         last = f"the last good checkpoint is {run_dir / 'last.pt'} (epoch {epoch - 1})" if epoch > 1 else "no epoch had completed"
         raise NonFiniteLossError(f"{e}; {last}") from None
     except KeyboardInterrupt:
+        # Asked of the disk, not of the loop: Ctrl-C can land after last.pt is renamed into place but before
+        # the loop moves on.
+        if not (run_dir / "last.pt").exists():
+            raise ExciteError(f"interrupted during epoch {epoch}, before the first checkpoint; nothing to resume, "
+                              "start the run again") from None
         raise ExciteError(
-            f"interrupted during epoch {epoch}; epochs up to {epoch - 1} are saved in {run_dir}. "
+            f"interrupted during epoch {epoch}; {run_dir / 'last.pt'} holds the last completed epoch. "
             f"Continue with: excite train --resume {run_dir}"
         ) from None
     except torch.OutOfMemoryError:
