@@ -10,6 +10,8 @@ import ast
 import sys
 from pathlib import Path
 
+import torch
+
 from excite.errors import ExciteError
 from excite.train.config import CHOICES, TrainConfig
 
@@ -241,12 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"excite: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("excite: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print("excite: error: out of memory; try a smaller --batch-size or --img-size", file=sys.stderr)
+    except (MemoryError, torch.OutOfMemoryError):  # fit() names the batch size; eval/predict/bench end here
+        if args.debug:
+            raise
+        print("excite: error: out of memory; try a smaller --batch-size or --img-size, or --device cpu",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -9,6 +9,8 @@ every other exception is a bug and keeps its traceback.
 class ExciteError(Exception):
     """A problem with the user's input, reported as one line that says what to do."""
 
+    exit_code = 2  # the CLI's exit status, as argparse uses for usage errors
+
 
 class UnknownModelError(ExciteError, ValueError):
     """``create_model`` was given a name that is not registered."""
@@ -24,3 +26,9 @@ class DataError(ExciteError):
 
 class NonFiniteLossError(ExciteError):
     """Training produced a NaN or infinite loss."""
+
+
+class RunInterrupted(ExciteError):
+    """The user stopped a run (Ctrl-C); the message says how to resume it."""
+
+    exit_code = 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C

@@ -23,6 +23,9 @@ import torch
 from excite.errors import CheckpointError
 
 
+_TMP_SUFFIX = ".tmp"
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file for writing that replaces ``path`` when the ``with`` block ends.
@@ -35,7 +38,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     # A unique hidden name beside the target: same file system (so os.replace is atomic), and two
     # writers of the same path never share a temporary file.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
     # 0o666 lets the user's umask decide the permissions, as for any file opened with open();
     # O_BINARY (Windows only) stops the C runtime from translating newlines under Python's file object.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -60,6 +63,17 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_leftover_temporaries(directory: str | os.PathLike) -> None:
+    """Delete the temporary files that writes killed mid-way (``kill -9``, power cut) left in ``directory``.
+
+    Their targets are whole (the old or the new version), so the leftovers are only wasted space.
+    """
+    directory = Path(directory)
+    if directory.is_dir():
+        for leftover in directory.glob(f".*{_TMP_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -134,3 +134,8 @@ def test_se_placement(placement: str, where):
     se = [name for name, m in model.named_modules() if isinstance(m, SqueezeExcite)]
     expected = {"layer": 6 + 12 + 24 + 16, "block": 4, "final": 1}[placement]  # densenet121's layers per block
     assert len(se) == expected and all(where(name) for name in se)
+
+
+def test_resnet_widths_must_match_stages():
+    with pytest.raises(ValueError, match="one width per stage"):
+        create_model("resnet20_cifar", widths=[4, 8])

@@ -262,6 +262,7 @@ def test_ctrl_c_keeps_a_readable_checkpoint_and_prints_the_resume_command(folder
 
     line = assert_one_line_error(interrupted.returncode, interrupted.stderr,
                                  f"Continue with: excite train --resume {run}")
+    assert interrupted.returncode == 130  # 128 + SIGINT, as shells report Ctrl-C
     assert f"{run / 'last.pt'} holds the last completed epoch" in line
     saved_epoch = load_checkpoint(run / "last.pt")["epoch"]
     assert saved_epoch >= 1

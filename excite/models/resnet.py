@@ -103,6 +103,8 @@ class ResNet(ClassifierModel):
     ):
         if isinstance(block, str):
             block = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        if len(widths) != len(layers):
+            raise ValueError(f"widths {tuple(widths)} must give one width per stage of layers {tuple(layers)}")
         num_features = widths[-1] * block.expansion
         super().__init__(num_classes, num_features, head_drop=drop_rate)
         if stem == "imagenet":

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from excite.data import batch_mixer, build_data, make_loader
-from excite.errors import CheckpointError, ExciteError, NonFiniteLossError
-from excite.io import atomic_write_json, atomic_write_text
+from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted
+from excite.io import atomic_write_json, atomic_write_text, remove_leftover_temporaries
 from excite.models import create_model
 from excite.models.weights import load_weights
 from excite.report.metrics import MetricsLogger, format_epoch_line
@@ -127,10 +127,7 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         checkpoint = load_checkpoint(run_dir / "last.pt")
     elif (run_dir / "last.pt").exists():
         raise ExciteError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    # A run killed while writing leaves the temporary file of that atomic write (excite.io names them
-    # ".<name>.<random>.tmp"); the target itself is whole, so the leftover is only wasted space.
-    for leftover in run_dir.glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
+    remove_leftover_temporaries(run_dir)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
 
@@ -249,9 +246,9 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         # Asked of the disk, not of the loop: Ctrl-C can land after last.pt is renamed into place but before
         # the loop moves on.
         if not (run_dir / "last.pt").exists():
-            raise ExciteError(f"interrupted during epoch {epoch}, before the first checkpoint; nothing to resume, "
-                              "start the run again") from None
-        raise ExciteError(
+            raise RunInterrupted(f"interrupted during epoch {epoch}, before the first checkpoint; nothing to resume, "
+                                 "start the run again") from None
+        raise RunInterrupted(
             f"interrupted during epoch {epoch}; {run_dir / 'last.pt'} holds the last completed epoch. "
             f"Continue with: excite train --resume {run_dir}"
         ) from None
