@@ -14,6 +14,7 @@ import torch
 
 from excite.errors import ExciteError
 from excite.train.config import CHOICES, TrainConfig
+from excite.train.recipes import RECIPES
 
 DEMO_CONFIG = dict(
     # A small SE-DenseNet-BC (k=12, 3 blocks of 4 layers) on scikit-learn's 8x8 digits shown at 16 px.
@@ -64,6 +65,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
                    help="fail on unreadable images instead of skipping them")
     g.add_argument("--workers", type=int, help="data loader processes (default: auto)")
+    g.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode the data set once into device memory and augment there (default: on for "
+                        "CIFAR-size images on a GPU)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
@@ -79,6 +83,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-smoothing", type=float)
     g = p.add_argument_group("run")
     g.add_argument("--config", help="TOML or JSON file of options; flags override it")
+    g.add_argument("--recipe", choices=sorted(RECIPES), help="a tuned option set; other options override it")
     g.add_argument("--out", help="run directory (default runs/<model>-<time>)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     g.add_argument("--seed", type=int)

@@ -8,7 +8,7 @@ import torch
 import excite
 from excite.cli import DEMO_CONFIG, main
 from excite.errors import ExciteError
-from excite.train.checkpoint import load_checkpoint
+from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
 from excite.train.config import resolve_config
 
 EPOCH_LINE = re.compile(r"^Epoch: ?\d+, Train_acc:\d+\.\d%, Train_loss:\d+\.\d{3}, Val_acc:\d+\.\d%, "
@@ -130,3 +130,41 @@ def test_demo_configuration_runs(tmp_path):
     result = excite.fit(config, log=lambda _: None)
     assert len(result.history) == 1 and 0 <= result.best_acc <= 1
     assert load_checkpoint(result.run_dir / "last.pt")["classes"] == [str(d) for d in range(10)]
+
+
+def test_image_cache_path_trains_resumes_and_evaluates_like_the_loader(image_folder, tmp_path):
+    from excite.data import build_data, make_loader
+    from excite.data.gpu_cache import cached_loaders
+    from excite.train.loop import Precision, evaluate
+
+    full = excite.fit(tiny_config(image_folder, tmp_path / "full", epochs=2, cache_images=True), log=lambda _: None)
+    assert len(full.history) == 2 and full.history[-1]["train_loss"] < full.history[0]["train_loss"]
+
+    # Resuming the cached path repeats the uninterrupted run exactly too.
+    def stop_in_epoch_2(line):
+        if line.startswith("Epoch: 2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(ExciteError):
+        excite.fit(tiny_config(image_folder, tmp_path / "split", epochs=2, cache_images=True), log=stop_in_epoch_2)
+    excite.fit(excite.resume_config(tmp_path / "split"), resume=True, log=lambda _: None)
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt")["model"], load_checkpoint(tmp_path / "split" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # Validation batches from the cache are the per-image pipeline's: same model, same numbers.
+    bundle = build_data(str(image_folder), img_size=16, batch_size=8, seed=3)
+    _, cached_val = cached_loaders(bundle, 8, device="cpu")
+    model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "full" / "last.pt"))
+    precision = Precision(torch.device("cpu"))
+    plain = evaluate(model, make_loader(bundle.val, 8, train=False), precision, 3)
+    fast = evaluate(model, cached_val, precision, 3)
+    assert torch.equal(plain.confusion, fast.confusion)
+    assert fast.loss == pytest.approx(plain.loss, rel=1e-5)
+
+
+def test_recipe_sets_defaults_that_flags_override():
+    config = resolve_config(None, recipe="cifar-fast", epochs=1)
+    assert config.model == "se_resnet18_cifar" and config.cache_images and config.amp == "bf16"
+    assert config.epochs == 1  # the flag wins over the recipe
+    with pytest.raises(ExciteError, match="unknown recipe 'fastest'"):
+        resolve_config(None, recipe="fastest")

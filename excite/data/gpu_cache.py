@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torchvision.transforms.v2 import functional as TF
 
-from excite.data.images import decode_image
-from excite.data.transforms import NORMALIZATION
+from excite.data.folder import cache_dir
+from excite.data.images import ImageFileDataset, decode_image
+from excite.data.transforms import CROP_PADDING, NORMALIZATION
 from excite.errors import DataError
 from excite.io import atomic_write
 
@@ -171,6 +172,11 @@ class CachedLoader:
         """Make the next iteration produce epoch ``epoch``'s batches."""
         self.epoch = epoch
 
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Images that could not be read during the run: none, they were all decoded up front."""
+        return {}
+
     def __len__(self) -> int:
         n = len(self.images)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
@@ -200,3 +206,32 @@ class CachedLoader:
                 images = crop_flip(images, plan.top[part], plan.left[part], plan.flip[part], self.pad)
             images = TF.normalize(TF.to_dtype(images, torch.float32, scale=True), self.mean, self.std)
             yield images.to(self.dtype).contiguous(memory_format=self.memory_format), self.labels[index]
+
+
+def tensor_cache(dataset, img_size: int) -> TensorCache:
+    """The images of an excite :class:`ImageFileDataset` or a torchvision CIFAR set as a :class:`TensorCache`
+    at ``img_size`` pixels square (decoded files are cached on disk under ``cache_dir()/tensors``)."""
+    if isinstance(dataset, ImageFileDataset):
+        paths, labels = zip(*dataset.samples)
+        return TensorCache.from_files(paths, labels, size=img_size, cache_dir=cache_dir() / "tensors")
+    if isinstance(getattr(dataset, "data", None), np.ndarray):  # torchvision's CIFAR: uint8 (N, H, W, C)
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)
+        if images.shape[-2:] != (img_size, img_size):
+            images = TF.resize(images, [img_size, img_size], antialias=True)
+        return TensorCache(images.contiguous(), torch.tensor(dataset.targets))
+    raise DataError(f"cannot cache a {type(dataset).__name__} in memory: use an image folder or CIFAR")
+
+
+def cached_loaders(bundle, batch_size: int, *, device: str | torch.device, hflip: bool = True,
+                   channels_last: bool = False, seed: int = 0) -> tuple[CachedLoader, CachedLoader]:
+    """Training and validation loaders over a :class:`~excite.data.DataBundle` held on ``device``.
+
+    They apply the bundle's preset as its per-image transforms do (padded random crop for "cifar",
+    flips unless ``hflip`` is off, the preset's normalisation), but to whole batches on the device.
+    """
+    mean, std = NORMALIZATION[bundle.preset]
+    common = dict(device=device, mean=mean, std=std, channels_last=channels_last, seed=seed)
+    train = CachedLoader(tensor_cache(bundle.train, bundle.img_size), batch_size, train=True,
+                         pad=CROP_PADDING[bundle.preset], flip=hflip, drop_last=True, **common)
+    val = CachedLoader(tensor_cache(bundle.val, bundle.img_size), batch_size, train=False, **common)
+    return train, val

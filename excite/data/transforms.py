@@ -22,7 +22,7 @@ AUGMENTATIONS: dict[str, Callable[[], v2.Transform]] = {
 }
 
 #: Zero padding of the "cifar" preset's random crop: the standard 4 pixels of a 32-pixel CIFAR image.
-_CIFAR_CROP_PADDING = 4
+CROP_PADDING = {"cifar": 4, "imagenet": 0}
 
 
 def build_transform(preset: str, img_size: int, *, train: bool, hflip: bool = True,
@@ -40,7 +40,7 @@ def build_transform(preset: str, img_size: int, *, train: bool, hflip: bool = Tr
     steps: list[v2.Transform] = [v2.ToImage(), v2.Resize([img_size, img_size])]
     if train:
         if preset == "cifar":
-            steps.append(v2.RandomCrop(img_size, padding=_CIFAR_CROP_PADDING))
+            steps.append(v2.RandomCrop(img_size, padding=CROP_PADDING["cifar"]))
         if hflip:
             steps.append(v2.RandomHorizontalFlip())
         if augment is not None:

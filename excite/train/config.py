@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from excite.errors import ExciteError
+from excite.train.recipes import RECIPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,6 +46,9 @@ class TrainConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 turns it off
     cutmix: float = 0.0
     strict: bool = False  # unreadable images are an error instead of being skipped
+    # Decode the whole set once into memory on the training device and augment whole batches there.
+    # None: on for CIFAR-size images on a GPU (when no per-image --augment is asked for), off otherwise.
+    cache_images: Optional[bool] = None
     workers: int = -1  # -1: min(4, CPU count) on CUDA, 0 on CPU where worker start-up costs more than it saves
     # optimisation
     epochs: int = 20
@@ -60,6 +64,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     # run
+    recipe: Optional[str] = None  # a named option set from excite.train.recipes, applied under the flags
     out: Optional[str] = None  # None: runs/<model>-<timestamp>
     seed: int = 0
     device: str = "auto"
@@ -118,8 +123,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(config_file: str | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the config file, then explicit overrides (flags); validated."""
+    """Defaults, then the recipe, then the config file, then explicit overrides (flags); validated."""
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     source = str(config_file or "options")
     values.update({k: v for k, v in overrides.items() if v is not None})
+    recipe = values.get("recipe")
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ExciteError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+        values = {**RECIPES[recipe], **values}
     return TrainConfig.from_dict(values, source).validate()

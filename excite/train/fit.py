@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from excite.data import batch_mixer, build_data, make_loader
+from excite.data.gpu_cache import cached_loaders
 from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted
 from excite.io import atomic_write_json, atomic_write_text, remove_leftover_temporaries
 from excite.models import create_model
@@ -112,6 +113,17 @@ def _check_input_size(model: torch.nn.Module, config: TrainConfig, img_size: int
         ) from None
 
 
+def _use_image_cache(config: TrainConfig, data, device: torch.device) -> bool:
+    """Whether batches come from the on-device image cache instead of a DataLoader."""
+    if config.cache_images and config.augment:
+        raise ExciteError(f"--augment {config.augment} works per image and cannot run on the image cache: drop one "
+                          "of --augment and --cache-images")
+    if config.cache_images is not None:
+        return config.cache_images
+    # CIFAR-size sets fit in GPU memory, and there the per-image pipeline costs more than the model.
+    return device.type == "cuda" and data.preset == "cifar" and config.augment is None
+
+
 def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
         show_progress: Optional[bool] = None) -> RunResult:
     """Train ``config.model`` on ``config.data`` and write the run directory; returns the best result.
@@ -146,8 +158,12 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         raise CheckpointError(f"the classes of {run_dir}/last.pt do not match the data's; resume with the same data")
     workers = config.workers if config.workers >= 0 else (min(4, torch.multiprocessing.cpu_count())
                                                           if device.type == "cuda" else 0)
-    train_loader = make_loader(data.train, config.batch_size, train=True, workers=workers, seed=config.seed)
-    val_loader = make_loader(data.val, config.batch_size, train=False, workers=workers, seed=config.seed)
+    if _use_image_cache(config, data, device):
+        train_loader, val_loader = cached_loaders(data, config.batch_size, device=device, hflip=config.hflip,
+                                                  channels_last=config.channels_last, seed=config.seed)
+    else:
+        train_loader = make_loader(data.train, config.batch_size, train=True, workers=workers, seed=config.seed)
+        val_loader = make_loader(data.val, config.batch_size, train=False, workers=workers, seed=config.seed)
 
     try:
         model = create_model(config.model, num_classes=len(data.classes), **config.model_kwargs)

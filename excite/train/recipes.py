@@ -1,0 +1,25 @@
+"""Named training recipes: tuned option sets that ``--recipe NAME`` applies under the user's own flags.
+
+A recipe sets how to train, never what to train on: ``--data`` stays the user's.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # CIFAR-size images on one GPU, as fast as the small-image path allows: the whole set decoded once
+    # and augmented on the GPU, bf16, channels-last, compiled. SGD+Nesterov at lr 0.4 for batch 512 is
+    # the usual 0.1 per 128 images scaled linearly; one-cycle and label smoothing 0.1 make 10 epochs enough
+    # for a ResNet-18-sized model. Not yet timed on a GPU: bench/run_recipe_gpu.sh measures it.
+    "cifar-fast": dict(
+        model="se_resnet18_cifar", img_size=32, preset="cifar", epochs=10, batch_size=512,
+        opt="sgd", lr=0.4, momentum=0.9, nesterov=True, weight_decay=5e-4, sched="onecycle",
+        label_smoothing=0.1, amp="bf16", channels_last=True, compile=True, cache_images=True,
+    ),
+    # The DenseNet-BC paper's CIFAR schedule (Huang et al., 2017): batch 64, SGD+Nesterov lr 0.1, weight
+    # decay 1e-4, 300 epochs; cosine decay replaces the paper's steps at epochs 150 and 225.
+    "densenet-bc-paper": dict(
+        model="densenet_bc_100", img_size=32, preset="cifar", epochs=300, batch_size=64,
+        opt="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, sched="cosine",
+    ),
+}
