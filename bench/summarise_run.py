@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-import excite
+from excite.bench import device_name, versions
 from excite.io import atomic_write_json
 
 
@@ -25,8 +24,8 @@ def summarise(run_dir: Path) -> dict:
                 reached[threshold] = {"epoch": row["epoch"], "seconds": round(elapsed, 1)}
     return {
         "run_dir": str(run_dir), "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-        "versions": {"excite": excite.__version__, "torch": torch.__version__},
+        "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "versions": versions(),
         "model": config["model"], "recipe": config.get("recipe"), "epochs": len(rows),
         "best_val_acc": max(row["val_acc"] for row in rows), "final_val_acc": rows[-1]["val_acc"],
         "seconds": round(elapsed, 1), "first_reached": {f"{t:.0%}": v for t, v in reached.items()},

@@ -100,7 +100,7 @@ def _device(device: str) -> torch.device:
     return dev
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpuinfo = Path("/proc/cpuinfo")
@@ -111,7 +111,7 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def _versions() -> dict[str, str | None]:
+def versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
                                        "excite": excite.__version__}
     for package in ("torchvision", "timm"):
@@ -279,10 +279,10 @@ def benchmark(
               for a in results if a.startswith("excite") for b in results if b != a and b != "excite-fast"}
     return {
         "model": model_name,
-        "device": _device_name(dev),
+        "device": device_name(dev),
         "device_type": dev.type,
         "threads": torch.get_num_threads(),
-        "versions": _versions(),
+        "versions": versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {"batch_size": batch_size, "img_size": img_size, "modes": list(modes), "amp": amp,
                      "channels_last": channels_last, "compile": compile, "warmup": warmup, "iters": iters,
