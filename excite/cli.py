@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from excite import __version__
 from excite.errors import ExciteError
 from excite.train.config import CHOICES, TrainConfig
 from excite.train.recipes import RECIPES
@@ -180,6 +181,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="excite", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--version", action="version", version=f"excite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a model on an image folder, CIFAR or digits")
