@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-from pathlib import Path
 
 import torch
 
@@ -158,17 +157,9 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from excite.bench import benchmark, format_report
+    from excite.bench import main_bench
 
-    result = benchmark(args.model, batch_size=args.batch_size, img_size=args.img_size,
-                       mode=tuple(args.mode), amp=args.amp, channels_last=args.channels_last,
-                       compile=args.compile, device=args.device, warmup=args.warmup, iters=args.iters,
-                       peers=args.peers)
-    print(format_report(result))
-    if args.json:
-        from excite.io import atomic_write_json
-
-        atomic_write_json(Path(args.json), result)
+    main_bench(args)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -223,20 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=3, help="how deep to list nested layers")
     p.set_defaults(func=cmd_summary)
 
+    from excite.bench import add_arguments as add_bench_arguments
+
     p = sub.add_parser("bench", help="training/inference throughput and memory against torchvision and timm")
-    p.add_argument("model")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--mode", nargs="+", choices=("train", "infer"), default=["train", "infer"])
-    p.add_argument("--amp", choices=("bf16", "fp16"))
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--device", choices=CHOICES["device"], default="auto")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure the torchvision/timm equivalents")
-    p.add_argument("--json", help="write the results to this JSON file")
+    add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

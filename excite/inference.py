@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -137,6 +138,4 @@ def _short(names: Sequence[str], limit: int = 5) -> str:
 
 
 def _stderr(message: str) -> None:
-    import sys
-
     print(f"excite: warning: {message}", file=sys.stderr)

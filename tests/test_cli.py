@@ -1,4 +1,5 @@
 """The CLI's listing commands, and the promise that README, CI and the demo agree."""
+import json
 import re
 from pathlib import Path
 
@@ -35,3 +36,12 @@ def test_readme_test_command_is_what_ci_runs():
     assert len(ci_commands) == 1
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
     assert ci_commands[0] in [line for block in blocks for line in block.splitlines()]
+
+
+def test_bench_command_reports_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "resnet20_cifar", "--device", "cpu", "--batch-size", "2", "--img-size", "32",
+                 "--warmup", "1", "--iters", "2", "--repeats", "1", "--no-peers", "--json", str(out)]) == 0
+    assert "resnet20_cifar" in capsys.readouterr().out
+    (result,) = json.loads(out.read_text())
+    assert result["results"]["excite"]["train"]["img_per_s"] > 0
