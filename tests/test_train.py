@@ -168,3 +168,19 @@ def test_recipe_sets_defaults_that_flags_override():
     assert config.epochs == 1  # the flag wins over the recipe
     with pytest.raises(ExciteError, match="unknown recipe 'fastest'"):
         resolve_config(None, recipe="fastest")
+
+
+def test_pretrained_weights_start_the_run(image_folder, tmp_path):
+    # A 10-class source: everything but the classifier fits the 3-class run, and the run says so.
+    source = excite.create_model("resnet20_cifar", widths=[4, 8, 8], num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "source.pt")
+    lines = []
+    with pytest.warns(UserWarning, match="classifier left at its initial values"):
+        excite.fit(tiny_config(image_folder, tmp_path / "run", epochs=1, lr=1e-12,
+                               pretrained=str(tmp_path / "source.pt")), log=lines.append)
+    assert any("classifier left at its initial values" in line for line in lines)
+    trained = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    # lr 1e-12: one epoch cannot move the weights, so they are still the source's (and not a fresh init).
+    for key in ("conv1.weight", "layer3.2.conv2.weight"):
+        torch.testing.assert_close(trained[key], source.state_dict()[key], rtol=0, atol=1e-9)
+    assert trained["fc.weight"].shape == (3, 8)
