@@ -12,7 +12,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
-
 @dataclass
 class LayerRow:
     """One module of the table: its dotted name, nesting depth, type and what one forward pass gave."""
@@ -29,6 +28,7 @@ class LayerRow:
 class ModelSummary:
     """The result of :func:`summary`; ``str()`` renders the table and the totals."""
 
+    title: str
     rows: list[LayerRow]
     input_shape: tuple[int, ...]
     total_params: int
@@ -56,7 +56,7 @@ class ModelSummary:
             f"Input size (MB): {self.input_bytes / mb:.2f}",
             f"Params size (MB): {self.param_bytes / mb:.2f}",
         ]
-        return "\n".join([rule, fmt(header), rule, *map(fmt, table), rule, *totals, rule])
+        return "\n".join([self.title, rule, fmt(header), rule, *map(fmt, table), rule, *totals, rule])
 
 
 def summary(model: nn.Module, img_size: int = 224, in_chans: int = 3, batch_size: int = 1, device: str = "cpu",
@@ -111,6 +111,7 @@ def summary(model: nn.Module, img_size: int = 224, in_chans: int = 3, batch_size
         row.macs = sum(flops.get(f"{root}.{row.name}", {}).values()) // 2
     params = list(model.parameters())
     return ModelSummary(
+        title=getattr(model, "model_name", root),
         rows=sorted(rows.values(), key=lambda r: order[r.name]),
         input_shape=tuple(x.shape),
         total_params=sum(p.numel() for p in params),
