@@ -67,7 +67,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, help="data loader processes (default: auto)")
     g.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
                    help="decode the data set once into device memory and augment there (default: on for "
-                        "CIFAR-size images on a GPU)")
+                        "CIFAR-size images)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)

@@ -158,8 +158,9 @@ def test_images_that_break_during_the_run_are_skipped_counted_and_listed(image_f
 
     lines: list[str] = []
     # Batch 6 divides the 30 training images, so every image is visited every epoch (none dropped).
+    # cache_images=False: the image cache decodes everything up front; only the file loader reads during the run.
     config = tiny_config(image_folder, tmp_path / "run", epochs=3, batch_size=6, model="densenet_bc_100",
-                         model_kwargs={"block_config": [2, 2, 2], "growth_rate": 4})
+                         model_kwargs={"block_config": [2, 2, 2], "growth_rate": 4}, cache_images=False)
     result = fit(config, log=break_files_after_epoch_1)
 
     assert [row["skipped_in_run"] for row in result.history] == [0, 4, 4]

@@ -47,7 +47,7 @@ class TrainConfig:
     cutmix: float = 0.0
     strict: bool = False  # unreadable images are an error instead of being skipped
     # Decode the whole set once into memory on the training device and augment whole batches there.
-    # None: on for CIFAR-size images on a GPU (when no per-image --augment is asked for), off otherwise.
+    # None: on for CIFAR-size images (the "cifar" preset) up to 2 GiB when no per-image --augment is asked for.
     cache_images: Optional[bool] = None
     workers: int = -1  # -1: min(4, CPU count) on CUDA, 0 on CPU where worker start-up costs more than it saves
     # optimisation
