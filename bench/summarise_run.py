@@ -1,5 +1,6 @@
-"""Summarise a run directory for the benchmark record: best validation accuracy, training seconds, and
-the first epoch at which each accuracy threshold was reached, with device and versions."""
+"""Summarise run directories for the benchmark record: best validation accuracy, training seconds and
+speed, the first epoch at which each accuracy threshold was reached, device and versions; with several
+runs, their training speed relative to the first."""
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,22 @@ def summarise(run_dir: Path) -> dict:
         "model": config["model"], "recipe": config.get("recipe"), "epochs": len(rows),
         "best_val_acc": max(row["val_acc"] for row in rows), "final_val_acc": rows[-1]["val_acc"],
         "seconds": round(elapsed, 1), "first_reached": {f"{t:.0%}": v for t, v in reached.items()},
+        "train_images_per_s": sum(row["train_images_per_s"] for row in rows) / len(rows),
     }
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dirs", type=Path, nargs="+", help="one run, or several to compare with the first")
     parser.add_argument("--json", help="also write the summary here")
     args = parser.parse_args()
-    summary = summarise(args.run_dir)
-    print(json.dumps(summary, indent=2))
+    runs = [summarise(run_dir) for run_dir in args.run_dirs]
+    result = runs[0] if len(runs) == 1 else {
+        "runs": runs,
+        # Training images per second of each run over the first run's, epoch by epoch averaged.
+        "train_speed_ratios": {run["run_dir"]: run["train_images_per_s"] / runs[0]["train_images_per_s"]
+                               for run in runs[1:]},
+    }
+    print(json.dumps(result, indent=2))
     if args.json:
-        atomic_write_json(args.json, summary)
+        atomic_write_json(args.json, result)
