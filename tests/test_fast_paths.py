@@ -239,3 +239,13 @@ def test_impl_fast_builds_fast_blocks_with_plain_weights():
     fast.load_state_dict(plain.state_dict())  # same keys and shapes
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(fast.train()(x), plain.train()(x), rtol=1e-5, atol=1e-5)  # training: the buffer path
+
+
+def test_fast_densenet_under_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    plain = create_model("densenet_bc_100", num_classes=3, block_config=(2, 2, 2))
+    fast = create_model("densenet_bc_100", num_classes=3, block_config=(2, 2, 2), impl="fast")
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    expected = plain.train()(x)
+    torch.testing.assert_close(torch.compile(fast).train()(x), expected, rtol=1e-4, atol=1e-5)

@@ -97,12 +97,14 @@ class FastDenseBlock(DenseBlock):
 
     Eval mode takes the plain path: inference keeps no activations for backward, so there is little
     memory to save, and on a CPU batch norm over a strided view of the buffer costs more than the
-    concatenation it replaces. Layers without a bottleneck (``bn_size=0``) take it too.
+    concatenation it replaces. Layers without a bottleneck (``bn_size=0``) take it too, and so does
+    a block inside ``torch.compile``: Inductor's code for the buffer writes gave other outputs than eager
+    mode (on CPU, torch 2.14), while it fuses the plain block's concatenations by itself.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = [m for name, m in self.named_children() if name.startswith("denselayer")]
-        if layers[0].bn_size == 0 or not self.training:
+        if layers[0].bn_size == 0 or not self.training or torch.compiler.is_compiling():
             return super().forward(x)
         buffer = torch.empty((x.shape[0], self.out_channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
                              memory_format=_memory_format(x))
