@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="train a small SE-DenseNet on the bundled digits (CPU, ~1 minute)")
+    p = sub.add_parser("demo", help="train a small SE-DenseNet on the bundled digits (CPU, about 30 s)")
     p.add_argument("--out", help="run directory (default runs/<model>-<time>)")
     p.add_argument("--device", choices=CHOICES["device"], default="auto")
     p.set_defaults(func=cmd_demo)
