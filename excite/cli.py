@@ -12,8 +12,13 @@ import sys
 import torch
 
 from excite import __version__
+from excite.bench import add_arguments as add_bench_arguments
+from excite.bench import main_bench
 from excite.errors import ExciteError
-from excite.train.config import CHOICES, TrainConfig
+from excite.inference import evaluate_checkpoint, predict
+from excite.models import create_model, list_models, summary
+from excite.train.config import CHOICES, TrainConfig, resolve_config
+from excite.train.fit import fit, resume_config
 from excite.train.recipes import RECIPES
 
 DEMO_CONFIG = dict(
@@ -102,9 +107,6 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from excite.train.config import resolve_config
-    from excite.train.fit import fit, resume_config
-
     if args.resume:
         if args.config:
             raise ExciteError("--config cannot be combined with --resume: a resumed run keeps its own config")
@@ -115,38 +117,26 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from excite.train.config import resolve_config
-    from excite.train.fit import fit
-
     config = resolve_config(None, **{**DEMO_CONFIG, "out": args.out, "device": args.device})
     result = fit(config)
     print(f"Demo finished: best validation accuracy {result.best_acc:.1%}; see {result.run_dir}/curves.png")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from excite.inference import evaluate_checkpoint
-
     evaluate_checkpoint(args.checkpoint, args.data, out=args.out, batch_size=args.batch_size, device=args.device,
                         split=args.split, data_root=args.data_root)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from excite.inference import predict
-
     for path, top in predict(args.checkpoint, args.inputs, topk=args.topk, device=args.device):
         print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from excite.models import list_models
-
     print("\n".join(list_models(args.pattern)))
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from excite.models import create_model
-    from excite.models.summary import summary
-
     model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
     try:
         table = summary(model, img_size=args.img_size, in_chans=args.in_chans, depth=args.depth)
@@ -157,8 +147,6 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from excite.bench import main_bench
-
     main_bench(args)
 
 
@@ -213,8 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--depth", type=int, default=3, help="how deep to list nested layers")
     p.set_defaults(func=cmd_summary)
-
-    from excite.bench import add_arguments as add_bench_arguments
 
     p = sub.add_parser("bench", help="training/inference throughput and memory against torchvision and timm")
     add_bench_arguments(p)
