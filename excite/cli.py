@@ -91,6 +91,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recipe", choices=sorted(RECIPES), help="a tuned option set; other options override it")
     g.add_argument("--out", help="run directory (default runs/<model>-<time>)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    g.add_argument("--checkpoint-minutes", type=float,
+                   help="also checkpoint inside an epoch this often (default 10; 0: after every step)")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", choices=CHOICES["device"])
     g.add_argument("--amp", choices=[c for c in CHOICES["amp"] if c], help="mixed precision")

@@ -166,11 +166,11 @@ class CachedLoader:
         self.mean, self.std, self.pad, self.flip = list(mean), list(std), pad, flip
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.start_batch = seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration produce epoch ``epoch``'s batches."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next iteration produce epoch ``epoch``'s batches, from batch ``start_batch`` on."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     @property
     def skipped(self) -> dict[str, str]:
@@ -178,8 +178,9 @@ class CachedLoader:
         return {}
 
     def __len__(self) -> int:
+        """Batches left in the epoch (all of them unless :meth:`set_epoch` started it later)."""
         n = len(self.images)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return (n // self.batch_size if self.drop_last else -(-n // self.batch_size)) - self.start_batch
 
     def plan(self, epoch: int) -> EpochPlan:
         """The order and augmentation of ``epoch``: a pure function of ``(seed, epoch)`` on this device."""
@@ -198,7 +199,8 @@ class CachedLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan = self.plan(self.epoch)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        first = self.start_batch * self.batch_size
+        for start in range(first, first + len(self) * self.batch_size, self.batch_size):
             part = slice(start, start + self.batch_size)
             index = plan.order[part]
             images = self.images[index]

@@ -21,20 +21,21 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """Yields ``(index, sample seed)`` pairs: shuffled (when ``shuffle``) and seeded from ``(seed, epoch)``."""
 
     def __init__(self, size: int, *, shuffle: bool, seed: int) -> None:
-        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, 0
+        self.size, self.shuffle, self.seed, self.epoch, self.start = size, shuffle, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order and augmentation the next iteration produces."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Choose the epoch whose order and augmentation the next iteration produces, from its
+        ``start``-th sample on (a run resumed in the middle of an epoch)."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.size
+        return self.size - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
         sample_seeds = rng.integers(2**63, size=self.size)  # torch generators take 64-bit seeds
-        return zip(order.tolist(), sample_seeds.tolist())
+        return zip(order[self.start:].tolist(), sample_seeds[self.start:].tolist())
 
 
 class _Skipped(NamedTuple):
@@ -79,9 +80,9 @@ class Loader:
         self.skipped: dict[str, str] = {}
         self._loader = loader
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration produce epoch ``epoch``'s batches."""
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next iteration produce epoch ``epoch``'s batches, from batch ``start_batch`` on."""
+        self.sampler.set_epoch(epoch, start_batch * self._loader.batch_size)
 
     def skipped_count(self) -> int:
         """How many distinct images could not be read so far."""

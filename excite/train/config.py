@@ -65,6 +65,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # run
     recipe: Optional[str] = None  # a named option set from excite.train.recipes, applied under the flags
+    checkpoint_minutes: float = 10.0  # also checkpoint inside an epoch this often (0: after every step)
     out: Optional[str] = None  # None: runs/<model>-<timestamp>
     seed: int = 0
     device: str = "auto"
@@ -87,6 +88,7 @@ class TrainConfig:
             (self.step_size >= 1, f"--step-size must be at least 1, got {self.step_size}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.checkpoint_minutes >= 0, f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
         ]

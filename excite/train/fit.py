@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +31,17 @@ from excite.models import create_model
 from excite.models.weights import load_weights
 from excite.report.metrics import MetricsLogger, format_epoch_line
 from excite.report.plots import plot_curves
-from excite.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from excite.train.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
+                                     save_weights)
 from excite.train.config import TrainConfig
-from excite.train.loop import Precision, evaluate, train_one_epoch
+from excite.train.loop import EpochProgress, EpochStats, Precision, evaluate, train_one_epoch
 from excite.train.optim import build_optimizer, build_scheduler
 
 # The largest uint8 image set (in bytes) that --cache-images is on for by default: CIFAR-10 at 32 px takes
 # 150 MiB; a limit 13x that still fits beside training in a laptop's or a small GPU's memory.
 IMAGE_CACHE_LIMIT = 2 * 2**30
 # Options that may change when a run is resumed; everything else must stay as the run started.
-RESUMABLE_OVERRIDES = ("epochs", "workers", "device")
+RESUMABLE_OVERRIDES = ("epochs", "workers", "device", "checkpoint_minutes")
 
 
 @dataclass
@@ -47,6 +50,29 @@ class RunResult:
     best_acc: float
     best_epoch: int
     history: list[dict]
+
+
+class StopRequest:
+    """Within ``with``, the first Ctrl-C (SIGINT) only sets :attr:`requested`, so training can stop
+    after the current step with a checkpoint; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def select_device(name: str) -> torch.device:
@@ -80,7 +106,7 @@ def default_run_dir(model: str) -> Path:
 
 
 def resume_config(run_dir: str | Path, **overrides) -> TrainConfig:
-    """The config a run was started with, with ``epochs``/``workers``/``device`` replaced when given."""
+    """The config a run was started with, with the options in RESUMABLE_OVERRIDES replaced when given."""
     if not (Path(run_dir) / "last.pt").is_file():
         raise CheckpointError(f"{run_dir} has no last.pt to resume from: give the directory of a run that finished "
                               "at least one epoch, or start a new run")
@@ -190,7 +216,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
     train_model = torch.compile(model) if config.compile else model
 
     history: list[dict] = []
-    best_acc, best_epoch, start_epoch = -1.0, 0, 1
+    best_acc, best_epoch, start_epoch, partial = -1.0, 0, 1, None
+    saved_at = None  # what last.pt holds, for messages: "epoch 3", or "epoch 4, step 120" mid-epoch
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -200,7 +227,9 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         history = list(checkpoint["metrics"])
         best_acc, best_epoch = checkpoint["best_acc"], checkpoint["best_epoch"]
         start_epoch = checkpoint["epoch"] + 1
-        log(f"Resuming {run_dir} at epoch {start_epoch} of {config.epochs}")
+        partial = checkpoint.get("partial")
+        saved_at = f"epoch {start_epoch}, step {partial['progress']['step']}" if partial else f"epoch {start_epoch - 1}"
+        log(f"Resuming {run_dir} from {saved_at}, to epoch {config.epochs}")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", config.to_dict())
@@ -213,67 +242,96 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
     log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
         f"{len(data.classes)} classes, {data.img_size}px, device {device}, run directory {run_dir}")
 
-    def state(epoch: int) -> dict:
+    def state(epoch: int, partial: Optional[dict] = None) -> dict:
         return {
             "model_name": config.model, "model_kwargs": dict(model.model_kwargs), "classes": list(data.classes),
             "config": config.to_dict(), "img_size": data.img_size, "preset": data.preset,
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "metrics": history, "best_acc": best_acc, "best_epoch": best_epoch,
+            # A mid-epoch checkpoint also says where in epoch+1 it stopped, and the random state there.
+            "partial": partial,
         }
 
     mix = batch_mixer(len(data.classes), config.mixup, config.cutmix)
     epoch = start_epoch
     skipped_in_run: dict[str, str] = {}  # images that became unreadable after the scan: path -> reason
+    last_save = time.monotonic()
+
+    def after_step(progress: EpochProgress) -> bool:
+        """Checkpoint inside the epoch every --checkpoint-minutes and when Ctrl-C asks to stop; True stops."""
+        nonlocal last_save, saved_at
+        if stop_request.requested or time.monotonic() - last_save >= config.checkpoint_minutes * 60:
+            partial_state = {"epoch": epoch, "progress": progress.to_dict(), "rng": capture_rng_state()}
+            save_checkpoint(run_dir / "last.pt", state(epoch - 1, partial_state))
+            last_save, saved_at = time.monotonic(), f"epoch {epoch}, step {progress.step}"
+        return stop_request.requested
+
+    def end_epoch(train: EpochStats) -> None:
+        """Validate, then log and write the metrics, curves and checkpoints of the finished epoch."""
+        nonlocal best_acc, best_epoch, skipped_in_run, last_save, saved_at
+        val = evaluate(train_model, val_loader, precision, len(data.classes), show_progress=show_progress)
+        now_skipped = {**train_loader.skipped, **val_loader.skipped}  # the loaders' lists only grow
+        if len(now_skipped) > len(skipped_in_run):
+            log(f"{len(now_skipped) - len(skipped_in_run)} image(s) became unreadable during epoch {epoch} and "
+                f"were skipped; see {run_dir / 'skipped_files.txt'}")
+            skipped_in_run = now_skipped
+            atomic_write_text(run_dir / "skipped_files.txt", data.report.format_skipped() + "".join(
+                f"{path}: {reason} (unreadable since the scan)\n" for path, reason in skipped_in_run.items()))
+        row = {
+            "epoch": epoch, "train_acc": train.acc, "train_loss": train.loss, "val_acc": val.acc,
+            "val_loss": val.loss, "val_top5": val.top5, "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": train.seconds + val.seconds, "train_images_per_s": train.images_per_s,
+            "skipped_in_run": len(skipped_in_run),
+        }
+        history.append(row)
+        log(format_epoch_line(epoch, train.acc, train.loss, val.acc, val.loss, row["lr"],
+                              row["epoch_seconds"], train.images_per_s))
+        metrics.append(row)
+        is_best = val.acc > best_acc
+        if is_best:
+            best_acc, best_epoch = val.acc, epoch
+        checkpoint_state = state(epoch)
+        # best.pt before last.pt: a run killed between the two redoes this epoch on resume and writes
+        # both again, whereas the other order would resume past an epoch whose best.pt was never written.
+        if is_best:
+            save_checkpoint(run_dir / "best.pt", checkpoint_state)
+            save_weights(run_dir / "best.safetensors", checkpoint_state)
+        save_checkpoint(run_dir / "last.pt", checkpoint_state)
+        last_save, saved_at = time.monotonic(), f"epoch {epoch}"
+        plot_curves(history, run_dir / "curves.png")
+
+    resume_hint = f"Continue with: excite train --resume {run_dir}"
     try:
-        for epoch in range(start_epoch, config.epochs + 1):
-            seed_everything(epoch_seed(config.seed, epoch))
-            train_loader.set_epoch(epoch)
-            train = train_one_epoch(train_model, train_loader, optimizer, scheduler, precision, epoch=epoch,
-                                    label_smoothing=config.label_smoothing, scaler=scaler, mix=mix,
-                                    show_progress=show_progress)
-            val = evaluate(train_model, val_loader, precision, len(data.classes), show_progress=show_progress)
-            now_skipped = {**train_loader.skipped, **val_loader.skipped}  # the loaders' lists only grow
-            if len(now_skipped) > len(skipped_in_run):
-                log(f"{len(now_skipped) - len(skipped_in_run)} image(s) became unreadable during epoch {epoch} and "
-                    f"were skipped; see {run_dir / 'skipped_files.txt'}")
-                skipped_in_run = now_skipped
-                atomic_write_text(run_dir / "skipped_files.txt", data.report.format_skipped() + "".join(
-                    f"{path}: {reason} (unreadable since the scan)\n" for path, reason in skipped_in_run.items()))
-            row = {
-                "epoch": epoch, "train_acc": train.acc, "train_loss": train.loss, "val_acc": val.acc,
-                "val_loss": val.loss, "val_top5": val.top5, "lr": optimizer.param_groups[0]["lr"],
-                "epoch_seconds": train.seconds + val.seconds, "train_images_per_s": train.images_per_s,
-                "skipped_in_run": len(skipped_in_run),
-            }
-            history.append(row)
-            log(format_epoch_line(epoch, train.acc, train.loss, val.acc, val.loss, row["lr"],
-                                  row["epoch_seconds"], train.images_per_s))
-            metrics.append(row)
-            is_best = val.acc > best_acc
-            if is_best:
-                best_acc, best_epoch = val.acc, epoch
-            checkpoint_state = state(epoch)
-            # best.pt before last.pt: a run killed between the two redoes this epoch on resume and writes
-            # both again, whereas the other order would resume past an epoch whose best.pt was never written.
-            if is_best:
-                save_checkpoint(run_dir / "best.pt", checkpoint_state)
-                save_weights(run_dir / "best.safetensors", checkpoint_state)
-            save_checkpoint(run_dir / "last.pt", checkpoint_state)
-            plot_curves(history, run_dir / "curves.png")
+        with StopRequest() as stop_request:
+            for epoch in range(start_epoch, config.epochs + 1):
+                seed_everything(epoch_seed(config.seed, epoch))
+                progress = EpochProgress()
+                if partial is not None:  # finish the epoch a mid-epoch checkpoint stopped in
+                    progress = EpochProgress(**partial["progress"])
+                    restore_rng_state(partial["rng"])
+                    partial = None
+                train_loader.set_epoch(epoch, start_batch=progress.step)
+                train = train_one_epoch(train_model, train_loader, optimizer, scheduler, precision, epoch=epoch,
+                                        label_smoothing=config.label_smoothing, scaler=scaler, mix=mix,
+                                        show_progress=show_progress, progress=progress, after_step=after_step)
+                if train is None:
+                    raise RunInterrupted(f"stopped at epoch {epoch}, step {progress.step}; saved in "
+                                         f"{run_dir / 'last.pt'}. {resume_hint}")
+                end_epoch(train)
+                if stop_request.requested:  # Ctrl-C while validating: the epoch is complete and saved
+                    raise RunInterrupted(f"stopped after epoch {epoch}; saved in {run_dir / 'last.pt'}. {resume_hint}")
     except NonFiniteLossError as e:
-        last = f"the last good checkpoint is {run_dir / 'last.pt'} (epoch {epoch - 1})" if epoch > 1 else "no epoch had completed"
-        raise NonFiniteLossError(f"{e}; {last}") from None
-    except KeyboardInterrupt:
+        saved = f"the last good checkpoint is {run_dir / 'last.pt'} ({saved_at})" if saved_at else "no epoch had completed"
+        raise NonFiniteLossError(f"{e}; {saved}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         # Asked of the disk, not of the loop: Ctrl-C can land after last.pt is renamed into place but before
         # the loop moves on.
         if not (run_dir / "last.pt").exists():
             raise RunInterrupted(f"interrupted during epoch {epoch}, before the first checkpoint; nothing to resume, "
                                  "start the run again") from None
-        raise RunInterrupted(
-            f"interrupted during epoch {epoch}; {run_dir / 'last.pt'} holds the last completed epoch. "
-            f"Continue with: excite train --resume {run_dir}"
-        ) from None
+        raise RunInterrupted(f"interrupted during epoch {epoch}; {run_dir / 'last.pt'} holds the last checkpoint. "
+                             f"{resume_hint}") from None
     except torch.OutOfMemoryError:
         raise ExciteError(
             f"out of GPU memory at --batch-size {config.batch_size} with {config.model} at {data.img_size}px; "

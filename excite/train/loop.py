@@ -55,6 +55,25 @@ def _progress(loader: Iterable, desc: str, show: bool):
     return tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
 
 
+@dataclass
+class EpochProgress:
+    """How far a training epoch has come: what a mid-epoch checkpoint keeps and a resumed epoch starts from.
+
+    ``loss_sum`` and ``correct`` stay tensors on the training device while the epoch runs, so keeping
+    count does not wait for the GPU; :meth:`to_dict` reads them out.
+    """
+
+    step: int = 0  # optimizer steps done
+    seen: int = 0  # training images seen
+    loss_sum: float | torch.Tensor = 0.0
+    correct: int | torch.Tensor = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "seen": self.seen, "loss_sum": float(self.loss_sum),
+                "correct": int(self.correct), "seconds": self.seconds}
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -67,19 +86,25 @@ def train_one_epoch(
     scaler: Optional[torch.amp.GradScaler] = None,
     mix: Optional[Callable] = None,
     show_progress: bool = False,
-) -> EpochStats:
+    progress: Optional[EpochProgress] = None,
+    after_step: Optional[Callable[[EpochProgress], bool]] = None,
+) -> Optional[EpochStats]:
     """Train for one pass over ``loader``; the scheduler steps every batch.
+
+    ``progress`` continues an epoch that a checkpoint interrupted (the loader must then start at its
+    step). ``after_step(progress)`` runs after every optimizer step; when it returns True the epoch
+    stops there and the function returns None.
 
     Raises NonFiniteLossError on the first step whose loss is NaN or infinite, before that step
     touches the weights. (With fp16 the GradScaler may still skip steps whose *gradients* overflow;
     that is its normal working, not a failure.)
     """
     model.train()
-    start = time.perf_counter()
-    loss_sum = torch.zeros((), device=precision.device)
-    correct = torch.zeros((), device=precision.device, dtype=torch.long)
-    seen = 0
-    for step, (images, targets) in enumerate(_progress(loader, f"epoch {epoch}", show_progress)):
+    progress = progress or EpochProgress()
+    begun = time.perf_counter() - progress.seconds
+    progress.loss_sum = torch.as_tensor(progress.loss_sum, dtype=torch.float32, device=precision.device)
+    progress.correct = torch.as_tensor(progress.correct, dtype=torch.long, device=precision.device)
+    for step, (images, targets) in enumerate(_progress(loader, f"epoch {epoch}", show_progress), progress.step):
         images, targets = precision.to_device(images, targets)
         loss_targets = targets
         if mix is not None:  # mixup/cutmix: the loss sees soft targets, accuracy the original labels
@@ -102,13 +127,17 @@ def train_one_epoch(
             optimizer.step()
         scheduler.step()
         n = targets.shape[0]
-        seen += n
-        loss_sum += loss.detach() * n
-        correct += (logits.argmax(1) == targets).sum()
-    if seen == 0:
+        progress.step, progress.seen = step + 1, progress.seen + n
+        progress.loss_sum += loss.detach() * n
+        progress.correct += (logits.argmax(1) == targets).sum()
+        progress.seconds = time.perf_counter() - begun
+        if after_step is not None and after_step(progress):
+            return None
+    if progress.seen == 0:
         raise ExciteError("the training loader produced no batches: is the training set empty?")
-    seconds = time.perf_counter() - start
-    return EpochStats(loss=loss_sum.item() / seen, acc=correct.item() / seen, images=seen, seconds=seconds)
+    seconds = time.perf_counter() - begun
+    return EpochStats(loss=progress.loss_sum.item() / progress.seen, acc=progress.correct.item() / progress.seen,
+                      images=progress.seen, seconds=seconds)
 
 
 @torch.no_grad()
