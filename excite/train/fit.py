@@ -1,12 +1,14 @@
 """``fit``: one training run from a config to a run directory.
 
 A run directory holds ``config.json``, ``metrics.csv`` / ``metrics.jsonl``, ``curves.png``,
-``last.pt`` (every epoch) and ``best.pt`` + ``best.safetensors`` (best validation accuracy), and
-``skipped_files.txt`` when unreadable images were left out. Checkpoints are written atomically, so a
-run killed at any moment resumes from its last completed epoch with ``excite train --resume DIR``.
+``last.pt`` (every epoch, every ``checkpoint_minutes`` inside an epoch, and on Ctrl-C) and ``best.pt``
++ ``best.safetensors`` (best validation accuracy), and ``skipped_files.txt`` when unreadable images
+were left out. Checkpoints are written atomically, so a run killed at any moment resumes from its last
+checkpoint with ``excite train --resume DIR``.
 
 Randomness is a pure function of (seed, epoch): every epoch reseeds all generators and the data
-order, so a resumed run repeats exactly what the uninterrupted run would have done.
+order, and a mid-epoch checkpoint keeps the generators' state and the step, so a resumed run repeats
+exactly what the uninterrupted run would have done.
 """
 from __future__ import annotations
 
