@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from excite.bench import device_name, versions
+from excite.environment import device_name, versions
 from excite.io import atomic_write_json
 
 

@@ -24,7 +24,6 @@ import importlib.util
 import itertools
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-import excite
+from excite.environment import device_name, versions
 from excite.errors import ExciteError
 from excite.io import atomic_write_json, atomic_write_text
 from excite.models import DenseNet, create_model
@@ -98,26 +97,6 @@ def _device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ExciteError("benchmark device is cuda but no CUDA GPU is available: use --device cpu")
     return dev
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
-                                       "excite": excite.__version__}
-    for package in ("torchvision", "timm"):
-        spec = importlib.util.find_spec(package)
-        versions[package] = importlib.import_module(package).__version__ if spec is not None else None
-    return versions
 
 
 def _time_steps(step: Callable[[], None], iters: int, device: torch.device) -> list[float]:

@@ -31,6 +31,8 @@ def test_two_epochs_write_every_artifact(image_folder, tmp_path):
 
     config = json.loads((run / "config.json").read_text())
     assert config["model"] == "resnet20_cifar" and config["epochs"] == 2 and config["out"] == str(run)
+    (session,) = json.loads((run / "environment.json").read_text())
+    assert session["versions"]["torch"] == torch.__version__ and session["versions"]["excite"] == excite.__version__
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
@@ -105,6 +107,7 @@ def test_resume_ends_like_an_uninterrupted_run(image_folder, tmp_path):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
     a, b = load_checkpoint(tmp_path / "full" / "last.pt")["model"], load_checkpoint(tmp_path / "split" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(json.loads((tmp_path / "split" / "environment.json").read_text())) == 2  # the start and the resume
     jsonl = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in jsonl] == [1, 2, 3]
 

@@ -13,6 +13,7 @@ exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import signal
 import sys
@@ -27,6 +28,7 @@ import torch
 
 from excite.data import batch_mixer, build_data, make_loader
 from excite.data.gpu_cache import cached_loaders
+from excite.environment import describe
 from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted
 from excite.io import atomic_write_json, atomic_write_text, remove_leftover_temporaries
 from excite.models import create_model
@@ -235,6 +237,10 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", config.to_dict())
+    # One entry per session of the run (the first, then each resume): what produced these results.
+    sessions_file = run_dir / "environment.json"
+    sessions = json.loads(sessions_file.read_text()) if resume and sessions_file.exists() else []
+    atomic_write_json(sessions_file, sessions + [describe(device)])
     if data.report.images:
         log(f"Scanned {config.data}: {data.report.summary()}")
     if data.report.skipped:
