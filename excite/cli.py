@@ -31,10 +31,13 @@ DEMO_CONFIG = dict(
     hflip=False,  # a mirrored 2 is not a 2
     epochs=15,
     batch_size=64,
-    lr=0.05,
-    sched="onecycle",
-    weight_decay=5e-4,
-    label_smoothing=0.0,
+    # AdamW with a one-epoch warm-up: SGD's one-cycle peak reached the same accuracy but left the BN
+    # running statistics behind the weights for a few epochs (validation fell to ~18% at epochs 3-4).
+    opt="adamw",
+    lr=3e-3,
+    sched="cosine",
+    warmup_epochs=1,
+    weight_decay=0.05,
 )
 
 
