@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="top-1/top-5, per-class report and confusion matrix of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a .pt checkpoint or a run directory")
     p.add_argument("--data", required=True, help="image folder, or cifar10 / cifar100 / digits")
-    p.add_argument("--split", choices=("auto", "val", "all"), default="auto",
-                   help="val: the run's own validation split; all: every image (auto: val on the training data)")
+    p.add_argument("--split", choices=("auto", "val", "all", "test"), default="auto",
+                   help="val: the run's own validation split; all: every image of a folder; test: CIFAR's test "
+                        "set (auto: val on the training data, else test for CIFAR, all for a folder)")
     p.add_argument("--data-root")
     p.add_argument("--out", help="where to write eval.json and confusion_matrix.png")
     p.add_argument("--batch-size", type=int, default=128)

@@ -8,7 +8,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from excite.data import ImageFileDataset, build_data, build_transform, decode_image, make_loader, scan_folder
+from excite.data import (ImageFileDataset, build_data, build_transform, cifar_test_set, decode_image, make_loader,
+                         scan_folder)
+from excite.data.sources import CIFAR
 from excite.data.images import is_image_file
 from excite.errors import CheckpointError, DataError, ExciteError
 from excite.io import atomic_write_json
@@ -39,7 +41,8 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
     """Top-1/top-5, per-class precision/recall/F1 and a confusion matrix of a checkpoint on ``data``.
 
     ``split="val"`` evaluates the validation split the run itself held out (same seed and fraction);
-    ``"all"`` every image of the folder; ``"auto"`` is ``val`` when ``data`` is what the run trained on.
+    ``"all"`` every image of a folder; ``"test"`` the official test set of CIFAR; ``"auto"`` is ``val``
+    when ``data`` is what the run trained on, else ``test`` for CIFAR and ``all`` for a folder.
     Writes ``eval.json`` and ``confusion_matrix.png`` into ``out`` (default: ``eval-<data>`` beside the
     checkpoint) and returns the metrics.
     """
@@ -49,12 +52,21 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
     model, classes, transform, checkpoint = load_for_inference(checkpoint_path, torch_device)
     config = checkpoint.get("config", {})
     trained_on = str(config.get("data", ""))
+    is_cifar = data in CIFAR
     if split == "auto":
-        split = "val" if trained_on and _same_source(trained_on, data) else "all"
-    if split == "val" or data in ("cifar10", "cifar100"):
+        split = "val" if trained_on and _same_source(trained_on, data) else "test" if is_cifar else "all"
+    if (split == "test") != is_cifar and split != "val":
+        raise ExciteError(f"--split {split} does not apply to {data}: use val or "
+                          + ("test for CIFAR" if is_cifar else "all for a folder"))
+    data_root = data_root or config.get("data_root")
+    if split == "test":
+        dataset = cifar_test_set(data, img_size=checkpoint["img_size"], preset=checkpoint["preset"],
+                                 data_root=data_root)
+        data_classes = dataset.classes
+    elif split == "val":
         bundle = build_data(data, img_size=checkpoint["img_size"], batch_size=1, preset=checkpoint["preset"],
                             val_split=config.get("val_split", 0.2), val_dir=config.get("val_dir"),
-                            seed=config.get("seed", 0), data_root=data_root or config.get("data_root"))
+                            seed=config.get("seed", 0), data_root=data_root)
         dataset, data_classes = bundle.val, bundle.classes
     else:
         scan = scan_folder(data)
@@ -81,7 +93,8 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
 
 
 def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, topk: int = 3,
-            device: str = "auto", batch_size: int = 64, log_error=None) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+            device: str = "auto", batch_size: int = 64,
+            log_error=None) -> Iterator[tuple[str, list[tuple[str, float]]]]:
     """Yield ``(path, [(class, probability), ...])`` for each image in ``inputs`` (files or folders,
     searched recursively). Unreadable images are reported through ``log_error`` and skipped."""
     if topk < 1:
@@ -122,7 +135,7 @@ def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _same_source(a: str, b: str) -> bool:
-    if a in ("digits", "cifar10", "cifar100") or b in ("digits", "cifar10", "cifar100"):
+    if a in ("digits", *CIFAR) or b in ("digits", *CIFAR):
         return a == b
     return Path(a).resolve() == Path(b).resolve()
 

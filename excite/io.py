@@ -105,7 +105,8 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
         if found is None:
             raise CheckpointError(_not_torch(path)) from None
         raise CheckpointError(f"refusing to load {path}: it contains pickled code ({found.group(1)}), which could run "
-                              "on your machine; only load files you trust, or re-save the weights as .safetensors") from None
+                              "on your machine; only load files you trust, or re-save the weights as "
+                              ".safetensors") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"  # what torch.save has written since PyTorch 1.6

@@ -14,6 +14,7 @@ from excite.data import (
     batch_mixer,
     build_data,
     build_transform,
+    cifar_test_set,
     decode_image,
     make_loader,
     scan_folder,
@@ -308,14 +309,19 @@ def test_cifar_local_copy_loads_with_the_cifar_preset(tmp_path, monkeypatch):
 
     batches = tmp_path / CIFAR10.base_folder
     batches.mkdir()
-    for name, _ in CIFAR10.train_list + CIFAR10.test_list:
-        rows = np.random.default_rng(0).integers(0, 256, (2, 3 * 32 * 32), dtype=np.uint8)
+    for i, (name, _) in enumerate(CIFAR10.train_list + CIFAR10.test_list):
+        rows = np.random.default_rng(i).integers(0, 256, (2, 3 * 32 * 32), dtype=np.uint8)  # all images differ
         (batches / name).write_bytes(pickle.dumps({"data": rows, "labels": [0, 1]}))
     classes = [f"class{i}" for i in range(10)]
     (batches / CIFAR10.meta["filename"]).write_bytes(pickle.dumps({CIFAR10.meta["key"]: classes}))
     # torchvision checks the files' MD5 sums, which our small stand-ins cannot match.
     monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args: True)
     bundle = build_data("cifar10", img_size=32, batch_size=4, data_root=tmp_path, download=False)
-    assert (bundle.classes, bundle.preset, len(bundle.train), len(bundle.val)) == (classes, "cifar", 10, 2)
+    # 5 training batches of labels [0, 1]: 20% of each class is held out for validation, stratified.
+    assert (bundle.classes, bundle.preset, len(bundle.train), len(bundle.val)) == (classes, "cifar", 8, 2)
+    assert sorted(bundle.val.targets) == [0, 1] and sorted(bundle.train.targets) == [0] * 4 + [1] * 4
+    assert not {row.tobytes() for row in bundle.val.data} & {row.tobytes() for row in bundle.train.data}
     images, labels = next(iter(make_loader(bundle.train, 4, train=True)))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    test = cifar_test_set("cifar10", img_size=32, data_root=tmp_path, download=False)
+    assert len(test) == 2 and test[0][0].shape == (3, 32, 32)  # the test batch, apart from training

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from excite.data.folder import ScanReport, cache_dir, scan_folder, stratified_split
 from excite.data.images import ImageFileDataset
-from excite.data.sources import CIFAR, cifar, digits_folder
+from excite.data.sources import CIFAR, CifarImages, digits_folder, load_cifar
 from excite.data.transforms import build_transform
 from excite.errors import DataError
 
@@ -36,8 +37,9 @@ def build_data(source: str | os.PathLike, *, img_size: int | None = None, batch_
 
     A folder is scanned (see :func:`scan_folder`) and split by class into training and ``val_split``
     validation images with ``seed``, unless ``val_dir`` gives a validation folder with the same classes.
-    CIFAR validates on its test set and lives in ``data_root`` (default: the excite cache), downloaded there
-    when missing if ``download``. ``preset`` "auto" picks "cifar" for CIFAR and for folders of images at
+    CIFAR is split the same way (its test set stays out of training and model selection: see
+    :func:`cifar_test_set`) and lives in ``data_root`` (default: the excite cache), downloaded there when
+    missing if ``download``. ``preset`` "auto" picks "cifar" for CIFAR and for folders of images at
     most 64 pixels a side, "imagenet" otherwise; ``img_size`` None picks 32 for "cifar", 224 otherwise.
     ``hflip`` and ``augment`` ("trivialaugment", "randaugment") set the training augmentation. Get loaders
     with :func:`~excite.data.loader.make_loader`.
@@ -45,14 +47,17 @@ def build_data(source: str | os.PathLike, *, img_size: int | None = None, batch_
     name = str(source)
     if name in CIFAR:
         if val_dir is not None:
-            raise DataError(f"a validation folder cannot be used with {name}: it validates on its test set")
+            raise DataError(f"--val-dir cannot be used with {name}: its validation images are held out of its "
+                            "training set; set how many with --val-split")
         preset = "cifar" if preset == "auto" else preset
         img_size = img_size or _default_img_size(preset)
-        train, val = cifar(name, data_root if data_root is not None else cache_dir() / "cifar", download=download,
-                           train_transform=build_transform(preset, img_size, train=True, hflip=hflip,
-                                                           augment=augment),
-                           eval_transform=build_transform(preset, img_size, train=False))
-        classes, report = list(train.classes), ScanReport()
+        source = load_cifar(name, cifar_root(data_root), train=True, download=download)
+        # Validation is held out of the training set, like a folder's: the test set must not pick the model.
+        train_part, val_part = stratified_split(list(enumerate(source.targets)), val_split, seed)
+        train = CifarImages(source, [i for i, _ in train_part],
+                            build_transform(preset, img_size, train=True, hflip=hflip, augment=augment))
+        val = CifarImages(source, [i for i, _ in val_part], build_transform(preset, img_size, train=False))
+        classes, report = list(source.classes), ScanReport()
     else:
         scan = scan_folder(digits_folder() if name == "digits" else source, strict=strict)
         report = scan.report
@@ -85,3 +90,15 @@ def build_data(source: str | os.PathLike, *, img_size: int | None = None, batch_
 def _default_img_size(preset: str) -> int:
     # CIFAR's own 32 pixels; 224, the ImageNet size the tutorials and pretrained weights use.
     return 32 if preset == "cifar" else 224
+
+
+def cifar_root(data_root: str | os.PathLike | None) -> Path:
+    """Where CIFAR is read from and downloaded to: ``data_root``, else ``cache_dir()/cifar``."""
+    return Path(data_root) if data_root is not None else cache_dir() / "cifar"
+
+
+def cifar_test_set(name: str, *, img_size: int, preset: str = "cifar", data_root: str | os.PathLike | None = None,
+                   download: bool = True) -> CifarImages:
+    """The official test set of "cifar10" or "cifar100" with the evaluation transform, for a final measurement."""
+    source = load_cifar(name, cifar_root(data_root), train=False, download=download)
+    return CifarImages(source, range(len(source.targets)), build_transform(preset, img_size, train=False))

@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision import datasets
 
 from excite.data.folder import cache_dir
@@ -45,19 +47,35 @@ def digits_folder() -> Path:
     return folder
 
 
-def cifar(name: str, root: str | os.PathLike, *, download: bool, train_transform: Callable,
-          eval_transform: Callable) -> tuple[datasets.CIFAR10, datasets.CIFAR10]:
-    """The training and test sets of ``name`` ("cifar10" or "cifar100") under ``root``.
+def load_cifar(name: str, root: str | os.PathLike, *, train: bool, download: bool) -> datasets.CIFAR10:
+    """The training (``train``) or test set of ``name`` ("cifar10" or "cifar100") under ``root``, without
+    transforms.
 
-    Downloads them into ``root`` when missing and ``download`` is set; raises a one-line :class:`DataError`
-    saying how to get them when they are missing and cannot be downloaded.
+    Downloads it into ``root`` when missing and ``download`` is set; raises a one-line :class:`DataError`
+    saying how to get it when it is missing and cannot be downloaded.
     """
     dataset, root = CIFAR[name], Path(root)
     try:
-        return (dataset(root, train=True, transform=train_transform, download=download),
-                dataset(root, train=False, transform=eval_transform, download=download))
+        return dataset(root, train=train, download=download)
     except (RuntimeError, OSError) as error:  # "Dataset not found", or urllib's URLError (an OSError)
         problem = (f"could not be downloaded ({type(error).__name__}: {' '.join(str(error).split())})" if download
                    else "is not there and downloading is off")
         raise DataError(f"{name} {problem}: download {dataset.url}, extract it into {root} (giving "
                         f"{root / dataset.base_folder}) and pass --data-root {root}") from error
+
+
+class CifarImages(Dataset):
+    """Some of a CIFAR set's images, as torchvision keeps them (uint8 ``data`` of shape (N, 32, 32, 3) and
+    ``targets``), passed through ``transform``."""
+
+    def __init__(self, source: datasets.CIFAR10, indices: Sequence[int], transform: Callable) -> None:
+        self.data = source.data[np.asarray(indices, dtype=np.int64)]
+        self.targets = [source.targets[i] for i in indices]
+        self.classes = list(source.classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.data[index])), self.targets[index]

@@ -78,7 +78,8 @@ class TrainConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 shown = ", ".join(str(c) for c in choices)
-                raise ExciteError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not valid: choose one of {shown}")
+                flag = f"--{name.replace('_', '-')}"
+                raise ExciteError(f"{flag} {getattr(self, name)!r} is not valid: choose one of {shown}")
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),

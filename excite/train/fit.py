@@ -330,7 +330,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                 if stop_request.requested:  # Ctrl-C while validating: the epoch is complete and saved
                     raise RunInterrupted(f"stopped after epoch {epoch}; saved in {run_dir / 'last.pt'}. {resume_hint}")
     except NonFiniteLossError as e:
-        saved = f"the last good checkpoint is {run_dir / 'last.pt'} ({saved_at})" if saved_at else "no epoch had completed"
+        saved = (f"the last good checkpoint is {run_dir / 'last.pt'} ({saved_at})" if saved_at
+                 else "no epoch had completed")
         raise NonFiniteLossError(f"{e}; {saved}") from None
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         # Asked of the disk, not of the loop: Ctrl-C can land after last.pt is renamed into place but before
