@@ -152,22 +152,22 @@ def evaluate(
     """Loss, top-1, top-5 and the confusion matrix (rows: true class, columns: predicted) in eval mode."""
     model.eval()
     start = time.perf_counter()
-    loss_sum = 0.0
-    top5_hits = 0
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    # Sums stay on the device and are read once at the end, so evaluation never waits on the GPU per batch.
+    loss_sum = torch.zeros((), device=precision.device)
+    top5_hits = torch.zeros((), dtype=torch.long, device=precision.device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=precision.device)
     seen = 0
     for images, targets in _progress(loader, "eval", show_progress):
         images, targets = precision.to_device(images, targets)
         with precision.autocast():
             logits = model(images).float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        k = min(5, num_classes)
-        top5_hits += (logits.topk(k, dim=1).indices == targets[:, None]).any(1).sum().item()
-        confusion += confusion_matrix(logits.argmax(1).cpu(), targets.cpu(), num_classes)
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum")
+        top5_hits += (logits.topk(min(5, num_classes), dim=1).indices == targets[:, None]).any(1).sum()
+        confusion += confusion_matrix(logits.argmax(1), targets, num_classes)
         seen += targets.shape[0]
     if seen == 0:
         raise ExciteError("the evaluation set is empty: use a larger --val-split or check --val-dir")
+    confusion = confusion.cpu()
     seconds = time.perf_counter() - start
-    acc = confusion.diag().sum().item() / seen
-    return EpochStats(loss=loss_sum / seen, acc=acc, images=seen, seconds=seconds, top5=top5_hits / seen,
-                      confusion=confusion)
+    return EpochStats(loss=loss_sum.item() / seen, acc=confusion.diag().sum().item() / seen, images=seen,
+                      seconds=seconds, top5=top5_hits.item() / seen, confusion=confusion)
