@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from excite.environment import device_name, versions
+from excite.environment import device_name, select_device, versions
 from excite.errors import ExciteError
 from excite.io import atomic_write_json, atomic_write_text
 from excite.models import DenseNet, create_model
@@ -83,20 +83,6 @@ def _build_models(model_name: str, num_classes: int, peers: bool, fast: bool) ->
 
 def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ExciteError(f"benchmark device must be auto, cpu or cuda[:index], got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExciteError("benchmark device is cuda but no CUDA GPU is available: use --device cpu")
-    return dev
 
 
 def _time_steps(step: Callable[[], None], iters: int, device: torch.device) -> list[float]:
@@ -220,7 +206,7 @@ def benchmark(
     if min(batch_size, img_size, iters, repeats) < 1 or warmup < 0 or iters * repeats < 2:
         raise ExciteError("batch size, image size, iters and repeats must be positive, "
                           "with at least 2 timed steps in all")
-    dev = _device(device)
+    dev = select_device(device, allow_mps=False)  # the timing and memory code knows CPU and CUDA
     if threads is not None or dev.type == "cpu":
         torch.set_num_threads(threads or _usable_cores())
     if dev.type == "cuda":

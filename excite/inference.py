@@ -12,12 +12,12 @@ from excite.data import (ImageFileDataset, build_data, build_transform, cifar_te
                          scan_folder)
 from excite.data.sources import CIFAR
 from excite.data.images import is_image_file
+from excite.environment import select_device
 from excite.errors import CheckpointError, DataError, ExciteError
 from excite.io import atomic_write_json
 from excite.report.metrics import classification_report
 from excite.report.plots import plot_confusion_matrix
 from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
-from excite.train.fit import select_device
 from excite.train.loop import Precision, evaluate
 
 

@@ -45,3 +45,9 @@ def test_bench_command_reports_and_writes_json(tmp_path, capsys):
     assert "resnet20_cifar" in capsys.readouterr().out
     (result,) = json.loads(out.read_text())
     assert result["results"]["excite"]["train"]["img_per_s"] > 0
+
+
+def test_unknown_device_is_one_line(capsys):
+    assert main(["bench", "resnet20_cifar", "--device", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device 'tpu' is not a device here: choose one of auto, cpu, cuda[:index]" in err

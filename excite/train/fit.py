@@ -28,7 +28,7 @@ import torch
 
 from excite.data import batch_mixer, build_data, make_loader
 from excite.data.gpu_cache import cached_loaders
-from excite.environment import describe
+from excite.environment import describe, select_device
 from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted
 from excite.io import atomic_write_json, atomic_write_text, remove_leftover_temporaries
 from excite.models import create_model
@@ -77,21 +77,6 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-def select_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ExciteError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ExciteError("--device mps was asked for but MPS is not available; use --device auto or cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
