@@ -11,6 +11,7 @@ import torch
 from excite.data import (ImageFileDataset, build_data, build_transform, cifar_test_set, decode_image, make_loader,
                          scan_folder)
 from excite.data.sources import CIFAR
+from excite.data.folder import list_files
 from excite.data.images import is_image_file
 from excite.environment import select_device
 from excite.errors import CheckpointError, DataError, ExciteError
@@ -124,7 +125,7 @@ def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p.name))
+            paths += [p for p in list_files(item) if is_image_file(p.name)]
         elif item.is_file():
             paths.append(item)
         else:

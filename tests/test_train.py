@@ -75,9 +75,11 @@ def test_eval_and_predict_from_the_checkpoint(image_folder, tmp_path, capsys):
     assert val_report["top1"] == pytest.approx(best["best_acc"])  # same images, same weights, same number
 
     capsys.readouterr()
+    (image_folder / "red" / "._000.png").write_bytes(b"\0\5\26\7")  # macOS metadata, not an image: not listed
     assert main(["predict", "--checkpoint", str(run), "--topk", "2", str(image_folder / "red")]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == len(list((image_folder / "red").glob("*.png")))
+    printed = capsys.readouterr()
+    out = printed.out.strip().splitlines()
+    assert len(out) == len(list((image_folder / "red").glob("[!.]*.png"))) and printed.err == ""
     for line in out:
         path, _, ranked = line.partition(": ")
         pairs = [item.rsplit(" ", 1) for item in ranked.split(", ")]

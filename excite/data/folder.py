@@ -83,9 +83,10 @@ def _ignored(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _list_files(class_dir: Path) -> list[Path]:
+def list_files(directory: Path) -> list[Path]:
+    """Every file below ``directory``, sorted, leaving out hidden files and folders."""
     files = []
-    for parent, dirs, names in os.walk(class_dir, followlinks=True):
+    for parent, dirs, names in os.walk(directory, followlinks=True):
         dirs[:] = [d for d in dirs if not _ignored(d)]
         files.extend(Path(parent, n) for n in names if not _ignored(n))
     return sorted(files)
@@ -132,7 +133,7 @@ def scan_folder(root: str | os.PathLike, *, strict: bool = False) -> FolderScan:
     files_by_class: dict[str, list[str]] = {}
     for class_dir in class_dirs:
         files_by_class[class_dir.name] = []
-        for path in _list_files(class_dir):
+        for path in list_files(class_dir):
             if not is_image_file(path.name):
                 report.non_image.append(str(path))
                 continue
