@@ -1,10 +1,16 @@
 """Speed and memory of excite models next to their torchvision and timm twins, measured the same way.
 
-For each candidate (the excite model, its fast variant where there is one, and the peers that are
-installed) in one process, on one random batch:
+For each candidate in one process, on one random batch:
 
 * **train**: a full step (forward, cross-entropy, backward, SGD with momentum) in training mode;
 * **infer**: a forward pass in eval mode under ``torch.inference_mode``.
+
+The candidates: ``excite`` (the model as built); ``excite-fast``, excite's fast path for the mode
+where it differs (training: the buffer dense block of :func:`~excite.nn.dense_fast.make_fast` for
+DenseNets; inference: BatchNorm folded into the convolutions by
+:func:`~excite.nn.fold.fold_batchnorm`); with ``compile="excite"`` also ``excite+compile``, the
+fastest eager excite path for the mode under ``torch.compile``; and the torchvision / timm twins that
+are installed (with ``compile="all"`` each also compiled, as ``timm+compile`` and so on).
 
 Candidates are warmed up, then timed in ``repeats`` interleaved rounds of ``iters`` steps each, so
 that a slow spell of a shared machine hits all of them alike. Per-step times come from CUDA events
@@ -42,8 +48,10 @@ from excite.errors import ExciteError
 from excite.io import atomic_write_json, atomic_write_text
 from excite.models import DenseNet, create_model
 from excite.nn.dense_fast import make_fast
+from excite.nn.fold import fold_batchnorm
 
 MODES = ("train", "infer")
+COMPILE_CHOICES = ("none", "excite", "all")
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: The same architecture elsewhere: excite name -> {package: name in that package}.
@@ -56,11 +64,10 @@ PEERS: dict[str, dict[str, str]] = {
 
 @dataclass
 class _Candidate:
-    impl: str    # "excite", "excite-fast", "torchvision" or "timm"
+    impl: str    # "excite", "excite-fast", "excite+compile", "torchvision", "timm+compile"...
     source: str  # what was built, e.g. "timm.seresnet50"
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    models: dict[str, nn.Module]  # mode -> the module measured in that mode (a candidate may skip a mode)
+    params: int
 
 
 def _build_peer(package: str, name: str, num_classes: int) -> nn.Module:
@@ -69,16 +76,41 @@ def _build_peer(package: str, name: str, num_classes: int) -> nn.Module:
     return importlib.import_module("timm").create_model(name, pretrained=False, num_classes=num_classes)
 
 
-def _build_models(model_name: str, num_classes: int, peers: bool, fast: bool) -> list[tuple[str, str, nn.Module]]:
-    """(impl, source, model) for every candidate to measure, the excite model first."""
-    model = create_model(model_name, num_classes=num_classes)
-    models = [("excite", f"excite.{model_name}", model)]
-    if fast and isinstance(model, DenseNet):
-        models.append(("excite-fast", f"excite.{model_name} + make_fast", make_fast(copy.deepcopy(model))))
+def _candidates(model_name: str, num_classes: int, modes: Sequence[str], peers: bool, fast: bool,
+                compile: str, device: torch.device, memory_format: torch.memory_format) -> list[_Candidate]:
+    """Every candidate to measure (see the module docstring), the excite model first, on ``device``."""
+    model = create_model(model_name, num_classes=num_classes).to(device, memory_format=memory_format)
+    params = sum(p.numel() for p in model.parameters())
+
+    def both(m: nn.Module) -> dict[str, nn.Module]:
+        # A copy per mode: training steps must not change the weights that inference is timed with.
+        return {mode: copy.deepcopy(m) for mode in modes}
+
+    candidates = [_Candidate("excite", f"excite.{model_name}", both(model), params)]
+    fast_models = {}
+    if "train" in modes and isinstance(model, DenseNet):
+        fast_models["train"] = make_fast(copy.deepcopy(model))
+    if "infer" in modes:
+        fast_models["infer"] = fold_batchnorm(model)
+    if fast and fast_models:
+        source = " / ".join(f"{mode}: " + ("make_fast" if mode == "train" else "fold_batchnorm")
+                            for mode in fast_models)
+        candidates.append(_Candidate("excite-fast", f"excite.{model_name} + {source}", fast_models, params))
+    if compile in ("excite", "all"):
+        # The fast dense block takes the plain path inside torch.compile, so training compiles the plain model.
+        eager = {"train": copy.deepcopy(model), "infer": fold_batchnorm(model) if fast else copy.deepcopy(model)}
+        candidates.append(_Candidate("excite+compile", f"torch.compile(excite.{model_name})",
+                                     {mode: torch.compile(eager[mode]) for mode in modes}, params))
     for package, name in (PEERS.get(model_name, {}).items() if peers else ()):
-        if importlib.util.find_spec(package) is not None:
-            models.append((package, f"{package}.{name}", _build_peer(package, name, num_classes)))
-    return models
+        if importlib.util.find_spec(package) is None:
+            continue
+        peer = _build_peer(package, name, num_classes).to(device, memory_format=memory_format)
+        peer_params = sum(p.numel() for p in peer.parameters())
+        candidates.append(_Candidate(package, f"{package}.{name}", both(peer), peer_params))
+        if compile == "all":
+            candidates.append(_Candidate(f"{package}+compile", f"torch.compile({package}.{name})",
+                                         {mode: torch.compile(m) for mode, m in both(peer).items()}, peer_params))
+    return candidates
 
 
 def _usable_cores() -> int:
@@ -129,12 +161,24 @@ def _step_memory(step: Callable[[], None], device: torch.device) -> int:
     return max(before, *totals) - before
 
 
-def _make_step(candidate: _Candidate, mode: str, x: torch.Tensor, y: torch.Tensor,
-               amp: str | None) -> Callable[[], None]:
-    model, optimizer, scaler = candidate.model, candidate.optimizer, candidate.scaler
-
+def _make_step(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, amp: str | None) -> Callable[[], None]:
     def autocast() -> torch.autocast:
         return torch.autocast(x.device.type, dtype=AMP_DTYPES[amp], enabled=amp is not None)
+
+    if mode == "infer":
+        model.eval()
+
+        @torch.inference_mode()
+        def infer_step() -> None:
+            with autocast():
+                model(x)
+
+        return infer_step
+
+    model.train()
+    # SGD with the usual ImageNet hyper-parameters: the update's cost, not its quality, matters here.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(x.device.type, enabled=amp == "fp16")
 
     def train_step() -> None:
         with autocast():
@@ -145,12 +189,7 @@ def _make_step(candidate: _Candidate, mode: str, x: torch.Tensor, y: torch.Tenso
         # Freed here rather than before the forward so that every step starts without gradients.
         optimizer.zero_grad(set_to_none=True)
 
-    @torch.inference_mode()
-    def infer_step() -> None:
-        with autocast():
-            model(x)
-
-    return train_step if mode == "train" else infer_step
+    return train_step
 
 
 def _summary(times: list[float], batch_size: int, memory: int) -> dict[str, float]:
@@ -169,7 +208,7 @@ def benchmark(
     mode: str | Sequence[str] = MODES,
     amp: str | None = None,
     channels_last: bool = False,
-    compile: bool = False,
+    compile: str = "none",
     device: str = "auto",
     warmup: int = 3,
     iters: int = 10,
@@ -186,21 +225,25 @@ def benchmark(
         mode: "train", "infer" or both.
         amp: None (fp32), "bf16" or "fp16" autocast; fp16 training uses a GradScaler.
         channels_last: put the models and the batch in channels-last memory format.
-        compile: wrap every model in ``torch.compile``.
+        compile: "none"; "excite" adds ``excite+compile``, the excite model under ``torch.compile``;
+            "all" also adds a compiled twin of every peer.
         device: "auto" (CUDA when available), "cpu" or "cuda[:i]".
         warmup: untimed steps per candidate and mode before timing.
         iters, repeats: ``repeats`` interleaved rounds of ``iters`` timed steps per candidate.
         threads: torch intra-op threads (default: every core this process may use).
         peers: also measure the torchvision / timm equivalents from :data:`PEERS` that are installed.
-        fast: also measure DenseNets converted by :func:`excite.nn.dense_fast.make_fast`.
+        fast: also measure ``excite-fast`` (see the module docstring).
 
     The dict holds the device, versions, date, settings, per-candidate ``results`` (img/s, median and
     p90 ms per batch, peak step memory in MiB, parameter count) and ``ratios``: throughput of each
-    excite implementation over each other candidate (above 1: the excite one is faster).
+    excite candidate over each peer and of each excite variant over plain ``excite`` (above 1: the
+    first is faster), for the modes both measured.
     """
     modes = (mode,) if isinstance(mode, str) else tuple(mode)
     if not modes or any(m not in MODES for m in modes):
         raise ExciteError(f"benchmark mode must be train, infer or both, got {mode!r}")
+    if compile not in COMPILE_CHOICES:
+        raise ExciteError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {compile!r}")
     if amp not in AMP_DTYPES:
         raise ExciteError(f"amp must be none, bf16 or fp16, got {amp!r}")
     if min(batch_size, img_size, iters, repeats) < 1 or warmup < 0 or iters * repeats < 2:
@@ -216,32 +259,33 @@ def benchmark(
     torch.manual_seed(seed)
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev).contiguous(memory_format=memory_format)
     y = torch.randint(num_classes, (batch_size,), device=dev)
-    candidates = []
-    for impl, source, model in _build_models(model_name, num_classes, peers, fast):
-        model.to(dev, memory_format=memory_format)
-        # SGD with the usual ImageNet hyper-parameters: the update's cost, not its quality, matters here.
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        candidates.append(_Candidate(impl, source, torch.compile(model) if compile else model, optimizer,
-                                     torch.amp.GradScaler(dev.type, enabled=amp == "fp16")))
+    candidates = _candidates(model_name, num_classes, modes, peers, fast, compile, dev, memory_format)
 
-    results = {c.impl: {"source": c.source, "params": sum(p.numel() for p in c.model.parameters())}
-               for c in candidates}
+    results = {c.impl: {"source": c.source, "params": c.params} for c in candidates}
     for m in modes:
-        steps = {}
-        for c in candidates:
-            c.model.train(m == "train")
-            steps[c.impl] = _make_step(c, m, x, y, amp)
+        measured = [c for c in candidates if m in c.models]
+        steps = {c.impl: _make_step(c.models[m], m, x, y, amp) for c in measured}
+        for c in measured:
             for _ in range(warmup):
                 steps[c.impl]()
-        times: dict[str, list[float]] = {c.impl: [] for c in candidates}
+        times: dict[str, list[float]] = {c.impl: [] for c in measured}
         for r in range(repeats):
-            for c in candidates[r % len(candidates):] + candidates[:r % len(candidates)]:  # each leads a round
+            for c in measured[r % len(measured):] + measured[:r % len(measured)]:  # each leads a round
                 times[c.impl] += _time_steps(steps[c.impl], iters, dev)
-        for c in candidates:
+        for c in measured:
             results[c.impl][m] = _summary(times[c.impl], batch_size, _step_memory(steps[c.impl], dev))
 
-    ratios = {f"{a}/{b}": {m: round(results[a][m]["img_per_s"] / results[b][m]["img_per_s"], 3) for m in modes}
-              for a in results if a.startswith("excite") for b in results if b != a and b != "excite-fast"}
+    def is_excite(impl: str) -> bool:
+        return impl.startswith("excite")
+
+    ratios = {}
+    for a in filter(is_excite, results):
+        for b, other in results.items():
+            if b != a and (not is_excite(b) or b == "excite"):
+                shared = [m for m in modes if m in results[a] and m in other]
+                if shared:
+                    ratios[f"{a}/{b}"] = {m: round(results[a][m]["img_per_s"] / other[m]["img_per_s"], 3)
+                                          for m in shared}
     return {
         "model": model_name,
         "device": device_name(dev),
@@ -273,6 +317,9 @@ def format_report(result: dict) -> str:
     for impl, r in result["results"].items():
         row = [impl, r["source"], f"{r['params'] / 1e6:.2f}"]
         for m in modes:
+            if m not in r:  # a variant that only differs in the other mode
+                row += ["-", "-", "-"]
+                continue
             times = " / ".join(f"{r[m][k]:.1f}" for k in ("ms_min", "ms_median", "ms_p90"))
             row += [f"{r[m]['img_per_s']:.1f}", times, f"{r[m]['peak_mem_mib']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
@@ -292,14 +339,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("train", "infer", "both"), default="both")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument("--compile", choices=COMPILE_CHOICES, default="none",
+                        help="also measure the excite model (excite) or every candidate (all) under torch.compile")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip torchvision / timm")
-    parser.add_argument("--no-fast", dest="fast", action="store_false", help="skip the fast DenseNet variant")
+    parser.add_argument("--no-fast", dest="fast", action="store_false", help="skip excite-fast (buffer dense block, folded BatchNorm)")
     parser.add_argument("--json", type=Path, help="write the results (a list, one per model) here")
     parser.add_argument("--markdown", type=Path, help="write the report here")
 

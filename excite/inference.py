@@ -16,6 +16,7 @@ from excite.data.images import is_image_file
 from excite.environment import select_device
 from excite.errors import CheckpointError, DataError, ExciteError
 from excite.io import atomic_write_json
+from excite.nn.fold import fold_batchnorm
 from excite.report.metrics import classification_report
 from excite.report.plots import plot_confusion_matrix
 from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -25,7 +26,9 @@ from excite.train.loop import Precision, evaluate
 def load_for_inference(path: str | os.PathLike, device: torch.device):
     """Model (eval mode, on ``device``), class names and the eval transform of a checkpoint or weights file.
 
-    A run directory means its ``best.pt`` (the weights with the best validation accuracy).
+    A run directory means its ``best.pt`` (the weights with the best validation accuracy). The model has
+    its BatchNorms folded into the convolutions before them (:func:`~excite.nn.fold.fold_batchnorm`):
+    the same function, fewer passes over the activations.
     """
     path = Path(path)
     if path.is_dir() and (path / "best.pt").exists():
@@ -33,7 +36,7 @@ def load_for_inference(path: str | os.PathLike, device: torch.device):
     checkpoint = load_checkpoint(path)
     model, classes = model_from_checkpoint(checkpoint)
     transform = build_transform(checkpoint["preset"], checkpoint["img_size"], train=False)
-    return model.to(device), classes, transform, checkpoint
+    return fold_batchnorm(model).to(device), classes, transform, checkpoint
 
 
 def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: str | None = None,

@@ -42,6 +42,34 @@ def test_benchmark_adds_the_fast_densenet():
     assert memory["excite-fast"] < memory["excite"]
 
 
+def test_benchmark_folds_batchnorm_for_inference_only():
+    result = bench.benchmark("resnet20_cifar", peers=False, **TINY)
+    assert list(result["results"]) == ["excite", "excite-fast"]
+    assert "fold_batchnorm" in result["results"]["excite-fast"]["source"]
+    assert set(result["results"]["excite-fast"]) == {"source", "params", "infer"}  # training is unchanged
+    assert result["ratios"] == {"excite-fast/excite": {
+        "infer": pytest.approx(result["results"]["excite-fast"]["infer"]["img_per_s"]
+                               / result["results"]["excite"]["infer"]["img_per_s"], rel=1e-2)}}
+    assert "| excite-fast | excite.resnet20_cifar + infer: fold_batchnorm | 0.34 | - | - | - |" in \
+        bench.format_report(result)
+
+
+def test_compiled_candidates_wrap_the_fastest_eager_path():
+    candidates = bench._candidates("resnet18", 10, bench.MODES, peers=True, fast=True, compile="all",
+                                   device=torch.device("cpu"), memory_format=torch.contiguous_format)
+    assert [c.impl for c in candidates] == ["excite", "excite-fast", "excite+compile", "torchvision",
+                                            "torchvision+compile", "timm", "timm+compile"]
+    compiled = candidates[2].models
+    assert set(compiled) == {"train", "infer"}
+    assert all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in compiled.values())
+    # Inference compiles the folded model (no BatchNorm left), training the model as built.
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in compiled["infer"]._orig_mod.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in compiled["train"]._orig_mod.modules())
+    only_excite = bench._candidates("resnet18", 10, ("infer",), peers=True, fast=True, compile="excite",
+                                    device=torch.device("cpu"), memory_format=torch.contiguous_format)
+    assert [c.impl for c in only_excite] == ["excite", "excite-fast", "excite+compile", "torchvision", "timm"]
+
+
 def test_step_memory_on_cpu_counts_the_tensors_alive_in_the_step():
     kept = torch.zeros(2**18)  # alive before and after: not counted
 
@@ -61,6 +89,7 @@ def test_step_memory_on_cpu_counts_the_tensors_alive_in_the_step():
     (dict(amp="int8"), "amp"),
     (dict(iters=1, repeats=1), "2 timed steps"),
     (dict(device="tpu"), "device"),
+    (dict(compile="yes"), "compile"),
 ])
 def test_benchmark_rejects_bad_settings(kwargs, match):
     with pytest.raises(ExciteError, match=match):
@@ -77,5 +106,6 @@ def test_main_bench_prints_and_writes_the_results(tmp_path, capsys):
     assert bench.main_bench(args) == 0
     written = json.loads((tmp_path / "r.json").read_text())
     assert [r["model"] for r in written] == ["resnet20_cifar"]
-    assert list(written[0]["results"]) == ["excite"] and "train" not in written[0]["results"]["excite"]
+    assert list(written[0]["results"]) == ["excite", "excite-fast"]
+    assert all("train" not in r for r in written[0]["results"].values())
     assert (tmp_path / "r.md").read_text() in capsys.readouterr().out

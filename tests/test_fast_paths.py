@@ -1,4 +1,5 @@
-"""The fast paths compute what the plain ones do: the buffer DenseNet block and the on-device data cache."""
+"""The fast paths compute what the plain ones do: the buffer DenseNet block, folded BatchNorm and the
+on-device data cache."""
 import copy
 import shutil
 
@@ -15,6 +16,7 @@ from excite.models import create_model
 from excite.models.densenet import DenseNet
 from excite.nn.dense import DenseBlock
 from excite.nn.dense_fast import FastDenseBlock, make_fast
+from excite.nn.fold import fold_batchnorm
 
 
 def tiny_densenet(**kwargs) -> DenseNet:
@@ -252,3 +254,62 @@ def test_fast_densenet_under_torch_compile_matches_eager():
     x = torch.randn(8, 3, 32, 32)
     expected = plain.train()(x)
     torch.testing.assert_close(torch.compile(fast).train()(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def batchnorms(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("name, kwargs, left", [
+    ("se_resnet20_cifar", {}, 0),  # conv -> BN everywhere: every BatchNorm folds
+    ("resnet18", dict(attn_layer="cbam"), 0),
+    # A dense layer is BN -> ReLU -> conv1 -> BN -> ReLU -> conv2: only its BN after conv1 folds, so the
+    # 4 layers' first BNs, the transition's and the final one stay.
+    ("densenet_bc_100", dict(block_config=(2, 2), attn_layer="se"), 4 + 1 + 1),
+    ("dpn68", {}, None),
+])
+def test_folded_batchnorm_computes_the_same_function(name, kwargs, left):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7, **kwargs)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(3):  # training steps' worth of running statistics, so folding has work to do
+            model(x + torch.randn_like(x))
+    model.eval()
+    folded = fold_batchnorm(model)
+    with torch.no_grad():
+        expected, out = model(x), folded(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert batchnorms(folded) < batchnorms(model)
+    if left is not None:
+        assert batchnorms(folded) == left
+    assert not folded.training
+
+
+def test_fold_batchnorm_leaves_the_model_alone():
+    model = create_model("resnet20_cifar", num_classes=3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fold_batchnorm(model)
+    assert model.training and batchnorms(model) == 21
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class DataDependent(torch.nn.Module):
+    """A layer torch.fx cannot trace: which branch runs depends on the values."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        return out if out.mean() > 0 else -out
+
+
+def test_fold_batchnorm_falls_back_to_the_plain_model_with_a_warning():
+    model = DataDependent()
+    with pytest.warns(UserWarning, match="cannot be traced"):
+        folded = fold_batchnorm(model)
+    x = torch.randn(2, 3, 8, 8)
+    assert isinstance(folded, DataDependent) and not folded.training
+    torch.testing.assert_close(folded(x), model.eval()(x))

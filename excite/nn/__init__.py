@@ -7,5 +7,9 @@ from excite.nn.attention import (
     create_attn,
     get_attn,
 )
+from excite.nn.fold import fold_batchnorm
 
-__all__ = ["ATTENTION_LAYERS", "CBAM", "EfficientChannelAttention", "SqueezeExcite", "create_attn", "get_attn"]
+__all__ = [
+    "ATTENTION_LAYERS", "CBAM", "EfficientChannelAttention", "SqueezeExcite", "create_attn", "fold_batchnorm",
+    "get_attn",
+]
