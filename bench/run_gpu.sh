@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU suite: excite DenseNet-121, SE-ResNet-50 and ResNet-50 next to torchvision and timm at batch 128,
 # 224x224, bf16 autocast, channels-last (train and inference), then SE-ResNet-50 inference at batch 256.
-# Writes bench/results/gpu-DATE.json/.md and gpu-DATE-infer256.json/.md; extra arguments (e.g. --compile)
-# go to both runs of `python -m excite.bench`. PYTHON picks the interpreter, OUT the result path prefix.
+# excite is measured as built, as excite-fast and compiled (--compile excite); the peers as they come.
+# Writes bench/results/gpu-DATE.json/.md and gpu-DATE-infer256.json/.md; extra arguments (e.g.
+# `--compile all` to compile the peers too) go to both runs of `python -m excite.bench`, the last
+# occurrence of an option winning. PYTHON picks the interpreter, OUT the result path prefix.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results/gpu-$(date +%F)}
-common=(--device cuda --img-size 224 --amp bf16 --channels-last --warmup 10 --iters 20 --repeats 3)
+common=(--device cuda --img-size 224 --amp bf16 --channels-last --compile excite --warmup 10 --iters 20 --repeats 3)
 "${PYTHON:-python}" -m excite.bench densenet121 se_resnet50 resnet50 --batch-size 128 "${common[@]}" \
     --json "$out.json" --markdown "$out.md" "$@"
 "${PYTHON:-python}" -m excite.bench se_resnet50 --mode infer --batch-size 256 "${common[@]}" \
