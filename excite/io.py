@@ -1,5 +1,5 @@
-"""Safe file I/O: atomic writes (a reader sees the old file or the new one, never half of either) and
-torch files read without running code.
+"""Safe file I/O: atomic writes (a reader sees the old file or the new one, never half of either), torch
+files read without running code, and a lock that keeps a second process out.
 
 Everything excite writes (checkpoints, weights, metrics, plots, configs) goes through :func:`atomic_write`:
 the data goes to a temporary file in the same directory, is flushed and fsynced, then renamed over the
@@ -21,6 +21,11 @@ from typing import IO, Any, Iterator
 import torch
 
 from excite.errors import CheckpointError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 
 _TMP_SUFFIX = ".tmp"
@@ -74,6 +79,46 @@ def remove_leftover_temporaries(directory: str | os.PathLike) -> None:
     if directory.is_dir():
         for leftover in directory.glob(f".*{_TMP_SUFFIX}"):
             leftover.unlink(missing_ok=True)
+
+
+class LockHeld(Exception):
+    """Another open file holds the lock asked for; ``pid`` is its process, None when unknown."""
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        super().__init__(f"{path} is locked by process {pid}")
+        self.path, self.pid = path, pid
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
+
+    Anyone asking while it is held gets :class:`LockHeld` at once, with the holder's process id, which the
+    holder keeps in the file. The lock (``flock``) belongs to the open file, so the OS releases it when the
+    holder ends, however it ends: a killed process never leaves a stale lock. It is advisory: it keeps out
+    only those who ask for it. Where there is no ``fcntl`` (Windows), nothing is locked.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).strip()
+            raise LockHeld(path, int(holder) if holder.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            # Emptied before release, so the file names a process only while that process holds the lock
+            # (or was killed holding it).
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 
 from excite.errors import CheckpointError
-from excite.io import atomic_write, atomic_write_json, atomic_write_text
+from excite.io import LockHeld, atomic_write, atomic_write_json, atomic_write_text, exclusive_lock
 from excite.models import create_model
 from excite.train.checkpoint import (capture_rng_state, export_safetensors, load_checkpoint, model_from_checkpoint,
                                      read_weights, restore_rng_state, save_checkpoint, save_weights)
@@ -60,6 +60,24 @@ def test_atomic_write_text_and_json(tmp_path):
         with atomic_write(tmp_path / "c", "a"):
             pass
     assert sorted(os.listdir(tmp_path)) == ["a.json", "a.txt"]
+
+
+def test_exclusive_lock_refuses_a_second_holder_with_the_first_ones_pid(tmp_path, monkeypatch):
+    lock = tmp_path / ".lock"
+    with exclusive_lock(lock):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        # flock locks belong to the open file, so a second open file in the same process is refused too.
+        with pytest.raises(LockHeld) as held, exclusive_lock(lock):
+            pytest.fail("two holders at once")
+        assert held.value.pid == os.getpid()
+    assert lock.read_text() == ""  # released, and no longer names a process
+    with exclusive_lock(lock):
+        pass
+
+    monkeypatch.setattr("excite.io.fcntl", None)  # as on Windows: nothing is locked, nothing is written
+    with exclusive_lock(tmp_path / "other.lock"), exclusive_lock(tmp_path / "other.lock"):
+        pass
+    assert not (tmp_path / "other.lock").exists()
 
 
 def test_checkpoint_round_trip_resumes_model_optimizer_scheduler_and_rng(tmp_path):

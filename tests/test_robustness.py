@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from PIL import Image
 
 from excite.cli import main
 from excite.errors import ExciteError, NonFiniteLossError
+from excite.io import exclusive_lock
 from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
 from excite.train.config import TrainConfig
 from excite.train.fit import fit, resume_config
@@ -336,6 +338,68 @@ def test_checkpoints_inside_the_epoch_survive_a_crash(folder, reference, tmp_pat
     monkeypatch.undo()
     fit(resume_config(run), resume=True, log=lambda _: None)
     assert_same_run(run, reference)
+
+
+# ---------------------------------------------------------------------------- one process per run directory
+
+# Holds the lock of a run directory (ARGV[1]: its lock file) as a training process does, until it is killed.
+LOCK_HOLDER = r"""
+import sys, time
+from excite.io import exclusive_lock
+
+with exclusive_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_a_run_directory_in_use_is_refused_until_its_process_ends(folder, reference, tmp_path, capsys):
+    run = shutil.copytree(reference, tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run / fit_module.LOCK_FILE)],
+                              env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        in_use = (f"{run} is in use by another excite process (pid {holder.pid}); wait for it to finish or train "
+                  "into another --out")
+        status, err = run_cli(["train", "--resume", str(run), "--epochs", "5"], capsys)
+        assert status == 2
+        assert_one_line_error(status, err, in_use)
+        with pytest.raises(ExciteError, match=re.escape(in_use)):  # a new run into the directory too
+            fit(tiny_config(folder, run), log=lambda _: None)
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    finally:
+        holder.kill()  # as kill -9 would: the holder has no chance to unlock
+        holder.wait()
+
+    status, err = run_cli(["train", "--resume", str(run), "--epochs", "5"], capsys)
+    assert status == 0, err
+    assert load_checkpoint(run / "last.pt")["epoch"] == 5
+
+
+@pytest.mark.parametrize("other_run", ["running", "finished"])
+def test_a_new_run_directory_taken_during_setup_is_refused(other_run, folder, reference, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    build_data = fit_module.build_data
+    with ExitStack() as other:
+        def another_run_takes_the_directory(*args, **kwargs):
+            if other_run == "running":
+                run.mkdir()
+                # A second open file of the lock: refused as another process's would be.
+                other.enter_context(exclusive_lock(run / fit_module.LOCK_FILE))
+            else:
+                shutil.copytree(reference, run)
+            return build_data(*args, **kwargs)
+
+        monkeypatch.setattr(fit_module, "build_data", another_run_takes_the_directory)
+        expected = (f"{run} is in use by another excite process (pid {os.getpid()})" if other_run == "running"
+                    else f"{run} already holds a run")
+        with pytest.raises(ExciteError, match=re.escape(expected)):
+            fit(tiny_config(folder, run), log=lambda _: None)
+        if other_run == "running":
+            assert os.listdir(run) == [fit_module.LOCK_FILE]
+        else:
+            assert {p.name: p.read_bytes() for p in run.iterdir()} == {p.name: p.read_bytes() for p in reference.iterdir()}
 
 
 # ---------------------------------------------------------------------------------------- non-finite loss

@@ -6,6 +6,10 @@ A run directory holds ``config.json``, ``metrics.csv`` / ``metrics.jsonl``, ``cu
 were left out. Checkpoints are written atomically, so a run killed at any moment resumes from its last
 checkpoint with ``excite train --resume DIR``.
 
+While it trains, a run holds an exclusive lock on ``.lock`` in its directory, so a second ``excite train`` into
+the same directory (a resume, or a new run) is refused instead of interleaving its checkpoints and metrics
+with the first's. The OS drops the lock when the process ends, however it ends, so it never goes stale.
+
 Randomness is a pure function of (seed, epoch): every epoch reseeds all generators and the data
 order, and a mid-epoch checkpoint keeps the generators' state and the step, so a resumed run repeats
 exactly what the uninterrupted run would have done.
@@ -19,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,7 +35,7 @@ from excite.data import batch_mixer, build_data, make_loader
 from excite.data.gpu_cache import cached_loaders
 from excite.environment import describe, select_device
 from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted
-from excite.io import atomic_write_json, atomic_write_text, remove_leftover_temporaries
+from excite.io import LockHeld, atomic_write_json, atomic_write_text, exclusive_lock, remove_leftover_temporaries
 from excite.models import create_model
 from excite.models.weights import load_weights
 from excite.report.metrics import MetricsLogger, format_epoch_line
@@ -46,6 +51,8 @@ from excite.train.optim import build_optimizer, build_scheduler
 IMAGE_CACHE_LIMIT = 2 * 2**30
 # Options that may change when a run is resumed; everything else must stay as the run started.
 RESUMABLE_OVERRIDES = ("epochs", "workers", "device", "checkpoint_minutes")
+# In the run directory: held locked by the process that trains the run.
+LOCK_FILE = ".lock"
 
 
 @dataclass
@@ -113,6 +120,18 @@ def resume_config(run_dir: str | Path, **overrides) -> TrainConfig:
     return TrainConfig.from_dict(values, f"{run_dir}/last.pt").validate()
 
 
+def _lock_run_dir(held: ExitStack, run_dir: Path, resume: bool) -> None:
+    """Lock ``run_dir`` until ``held`` closes; a new run also refuses a directory that already holds a run."""
+    try:
+        held.enter_context(exclusive_lock(run_dir / LOCK_FILE))
+    except LockHeld as e:
+        pid = f" (pid {e.pid})" if e.pid else ""
+        raise ExciteError(f"{run_dir} is in use by another excite process{pid}; wait for it to finish or train "
+                          "into another --out") from None
+    if not resume and (run_dir / "last.pt").exists():
+        raise ExciteError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+
+
 def _check_input_size(model: torch.nn.Module, config: TrainConfig, img_size: int, device: torch.device) -> None:
     """Fail before training, with advice, when the model cannot take images of this size."""
     model.eval()
@@ -155,183 +174,187 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
     config.validate()
     run_dir = Path(config.out) if config.out else default_run_dir(config.model)
     config = dataclasses.replace(config, out=str(run_dir))
-    checkpoint = None
-    if resume:
-        checkpoint = load_checkpoint(run_dir / "last.pt")
-    elif (run_dir / "last.pt").exists():
-        raise ExciteError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    remove_leftover_temporaries(run_dir)
-    if show_progress is None:
-        show_progress = sys.stderr.isatty()
+    with ExitStack() as held:  # holds the run directory's lock until fit() returns
+        # An existing directory is locked before it is read or cleaned, as another process may be writing it; a
+        # new one once it is created, below.
+        locked = run_dir.is_dir()
+        if locked:
+            _lock_run_dir(held, run_dir, resume)
+        checkpoint = load_checkpoint(run_dir / "last.pt") if resume else None
+        remove_leftover_temporaries(run_dir)
+        if show_progress is None:
+            show_progress = sys.stderr.isatty()
 
-    device = select_device(config.device)
-    if config.amp == "fp16" and device.type != "cuda":
-        raise ExciteError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
-    precision = Precision(device, config.amp, config.channels_last)
+        device = select_device(config.device)
+        if config.amp == "fp16" and device.type != "cuda":
+            raise ExciteError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
+        precision = Precision(device, config.amp, config.channels_last)
 
-    seed_everything(config.seed)
-    data = build_data(
-        config.data, img_size=config.img_size, batch_size=config.batch_size, val_split=config.val_split,
-        val_dir=config.val_dir, data_root=config.data_root, preset=config.preset, hflip=config.hflip,
-        augment=config.augment, seed=config.seed, strict=config.strict,
-    )
-    if checkpoint is not None and list(checkpoint["classes"]) != list(data.classes):
-        raise CheckpointError(f"the classes of {run_dir}/last.pt do not match the data's; resume with the same data")
-    workers = config.workers if config.workers >= 0 else (min(4, torch.multiprocessing.cpu_count())
-                                                          if device.type == "cuda" else 0)
-    if _use_image_cache(config, data, device):
-        train_loader, val_loader = cached_loaders(data, config.batch_size, device=device, hflip=config.hflip,
-                                                  channels_last=config.channels_last, seed=config.seed)
-    else:
-        train_loader = make_loader(data.train, config.batch_size, train=True, workers=workers, seed=config.seed)
-        val_loader = make_loader(data.val, config.batch_size, train=False, workers=workers, seed=config.seed)
+        seed_everything(config.seed)
+        data = build_data(
+            config.data, img_size=config.img_size, batch_size=config.batch_size, val_split=config.val_split,
+            val_dir=config.val_dir, data_root=config.data_root, preset=config.preset, hflip=config.hflip,
+            augment=config.augment, seed=config.seed, strict=config.strict,
+        )
+        if checkpoint is not None and list(checkpoint["classes"]) != list(data.classes):
+            raise CheckpointError(f"the classes of {run_dir}/last.pt do not match the data's; resume with the same data")
+        workers = config.workers if config.workers >= 0 else (min(4, torch.multiprocessing.cpu_count())
+                                                              if device.type == "cuda" else 0)
+        if _use_image_cache(config, data, device):
+            train_loader, val_loader = cached_loaders(data, config.batch_size, device=device, hflip=config.hflip,
+                                                      channels_last=config.channels_last, seed=config.seed)
+        else:
+            train_loader = make_loader(data.train, config.batch_size, train=True, workers=workers, seed=config.seed)
+            val_loader = make_loader(data.val, config.batch_size, train=False, workers=workers, seed=config.seed)
 
-    try:
-        model = create_model(config.model, num_classes=len(data.classes), **config.model_kwargs)
-    except ExciteError:  # an unknown name: its message already lists the close matches
-        raise
-    except (TypeError, ValueError) as e:  # a --model-arg the builder does not take, or a value it cannot use
-        raise ExciteError(f"cannot build {config.model} with --model-arg values {config.model_kwargs} ({e}); "
-                          "fix or drop those --model-arg options") from None
-    if config.pretrained and checkpoint is None:
-        log(str(load_weights(model, config.pretrained, strict=False)))
-    model.to(device)
-    _check_input_size(model, config, data.img_size, device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, len(train_loader), config)
-    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
-    train_model = torch.compile(model) if config.compile else model
+        try:
+            model = create_model(config.model, num_classes=len(data.classes), **config.model_kwargs)
+        except ExciteError:  # an unknown name: its message already lists the close matches
+            raise
+        except (TypeError, ValueError) as e:  # a --model-arg the builder does not take, or a value it cannot use
+            raise ExciteError(f"cannot build {config.model} with --model-arg values {config.model_kwargs} ({e}); "
+                              "fix or drop those --model-arg options") from None
+        if config.pretrained and checkpoint is None:
+            log(str(load_weights(model, config.pretrained, strict=False)))
+        model.to(device)
+        _check_input_size(model, config, data.img_size, device)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, len(train_loader), config)
+        scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
+        train_model = torch.compile(model) if config.compile else model
 
-    history: list[dict] = []
-    best_acc, best_epoch, start_epoch, partial = -1.0, 0, 1, None
-    saved_at = None  # what last.pt holds, for messages: "epoch 3", or "epoch 4, step 120" mid-epoch
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        history = list(checkpoint["metrics"])
-        best_acc, best_epoch = checkpoint["best_acc"], checkpoint["best_epoch"]
-        start_epoch = checkpoint["epoch"] + 1
-        partial = checkpoint.get("partial")
-        saved_at = f"epoch {start_epoch}, step {partial['progress']['step']}" if partial else f"epoch {start_epoch - 1}"
-        log(f"Resuming {run_dir} from {saved_at}, to epoch {config.epochs}")
+        history: list[dict] = []
+        best_acc, best_epoch, start_epoch, partial = -1.0, 0, 1, None
+        saved_at = None  # what last.pt holds, for messages: "epoch 3", or "epoch 4, step 120" mid-epoch
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            if scaler is not None and checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+            history = list(checkpoint["metrics"])
+            best_acc, best_epoch = checkpoint["best_acc"], checkpoint["best_epoch"]
+            start_epoch = checkpoint["epoch"] + 1
+            partial = checkpoint.get("partial")
+            saved_at = f"epoch {start_epoch}, step {partial['progress']['step']}" if partial else f"epoch {start_epoch - 1}"
+            log(f"Resuming {run_dir} from {saved_at}, to epoch {config.epochs}")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", config.to_dict())
-    # One entry per session of the run (the first, then each resume): what produced these results.
-    sessions_file = run_dir / "environment.json"
-    sessions = json.loads(sessions_file.read_text()) if resume and sessions_file.exists() else []
-    atomic_write_json(sessions_file, sessions + [describe(device)])
-    if data.report.images:
-        log(f"Scanned {config.data}: {data.report.summary()}")
-    if data.report.skipped:
-        atomic_write_text(run_dir / "skipped_files.txt", data.report.format_skipped())
-        log(f"Skipped {len(data.report.skipped)} unreadable file(s); see {run_dir / 'skipped_files.txt'}")
-    metrics = MetricsLogger(run_dir, resume_epoch=start_epoch - 1)
-    log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
-        f"{len(data.classes)} classes, {data.img_size}px, device {device}, run directory {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not locked:  # another run may have created the directory meanwhile, and even finished in it
+            _lock_run_dir(held, run_dir, resume)
+        atomic_write_json(run_dir / "config.json", config.to_dict())
+        # One entry per session of the run (the first, then each resume): what produced these results.
+        sessions_file = run_dir / "environment.json"
+        sessions = json.loads(sessions_file.read_text()) if resume and sessions_file.exists() else []
+        atomic_write_json(sessions_file, sessions + [describe(device)])
+        if data.report.images:
+            log(f"Scanned {config.data}: {data.report.summary()}")
+        if data.report.skipped:
+            atomic_write_text(run_dir / "skipped_files.txt", data.report.format_skipped())
+            log(f"Skipped {len(data.report.skipped)} unreadable file(s); see {run_dir / 'skipped_files.txt'}")
+        metrics = MetricsLogger(run_dir, resume_epoch=start_epoch - 1)
+        log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
+            f"{len(data.classes)} classes, {data.img_size}px, device {device}, run directory {run_dir}")
 
-    def state(epoch: int, partial: Optional[dict] = None) -> dict:
-        return {
-            "model_name": config.model, "model_kwargs": dict(model.model_kwargs), "classes": list(data.classes),
-            "config": config.to_dict(), "img_size": data.img_size, "preset": data.preset,
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-            "metrics": history, "best_acc": best_acc, "best_epoch": best_epoch,
-            # A mid-epoch checkpoint also says where in epoch+1 it stopped, and the random state there.
-            "partial": partial,
-        }
+        def state(epoch: int, partial: Optional[dict] = None) -> dict:
+            return {
+                "model_name": config.model, "model_kwargs": dict(model.model_kwargs), "classes": list(data.classes),
+                "config": config.to_dict(), "img_size": data.img_size, "preset": data.preset,
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "metrics": history, "best_acc": best_acc, "best_epoch": best_epoch,
+                # A mid-epoch checkpoint also says where in epoch+1 it stopped, and the random state there.
+                "partial": partial,
+            }
 
-    mix = batch_mixer(len(data.classes), config.mixup, config.cutmix)
-    epoch = start_epoch
-    skipped_in_run: dict[str, str] = {}  # images that became unreadable after the scan: path -> reason
-    last_save = time.monotonic()
+        mix = batch_mixer(len(data.classes), config.mixup, config.cutmix)
+        epoch = start_epoch
+        skipped_in_run: dict[str, str] = {}  # images that became unreadable after the scan: path -> reason
+        last_save = time.monotonic()
 
-    def after_step(progress: EpochProgress) -> bool:
-        """Checkpoint inside the epoch every --checkpoint-minutes and when Ctrl-C asks to stop; True stops."""
-        nonlocal last_save, saved_at
-        if stop_request.requested or time.monotonic() - last_save >= config.checkpoint_minutes * 60:
-            partial_state = {"epoch": epoch, "progress": progress.to_dict(), "rng": capture_rng_state()}
-            save_checkpoint(run_dir / "last.pt", state(epoch - 1, partial_state))
-            last_save, saved_at = time.monotonic(), f"epoch {epoch}, step {progress.step}"
-        return stop_request.requested
+        def after_step(progress: EpochProgress) -> bool:
+            """Checkpoint inside the epoch every --checkpoint-minutes and when Ctrl-C asks to stop; True stops."""
+            nonlocal last_save, saved_at
+            if stop_request.requested or time.monotonic() - last_save >= config.checkpoint_minutes * 60:
+                partial_state = {"epoch": epoch, "progress": progress.to_dict(), "rng": capture_rng_state()}
+                save_checkpoint(run_dir / "last.pt", state(epoch - 1, partial_state))
+                last_save, saved_at = time.monotonic(), f"epoch {epoch}, step {progress.step}"
+            return stop_request.requested
 
-    def end_epoch(train: EpochStats) -> None:
-        """Validate, then log and write the metrics, curves and checkpoints of the finished epoch."""
-        nonlocal best_acc, best_epoch, skipped_in_run, last_save, saved_at
-        val = evaluate(train_model, val_loader, precision, len(data.classes), show_progress=show_progress)
-        now_skipped = {**train_loader.skipped, **val_loader.skipped}  # the loaders' lists only grow
-        if len(now_skipped) > len(skipped_in_run):
-            log(f"{len(now_skipped) - len(skipped_in_run)} image(s) became unreadable during epoch {epoch} and "
-                f"were skipped; see {run_dir / 'skipped_files.txt'}")
-            skipped_in_run = now_skipped
-            atomic_write_text(run_dir / "skipped_files.txt", data.report.format_skipped() + "".join(
-                f"{path}: {reason} (unreadable since the scan)\n" for path, reason in skipped_in_run.items()))
-        row = {
-            "epoch": epoch, "train_acc": train.acc, "train_loss": train.loss, "val_acc": val.acc,
-            "val_loss": val.loss, "val_top5": val.top5, "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": train.seconds + val.seconds, "train_images_per_s": train.images_per_s,
-            "skipped_in_run": len(skipped_in_run),
-        }
-        history.append(row)
-        log(format_epoch_line(epoch, train.acc, train.loss, val.acc, val.loss, row["lr"],
-                              row["epoch_seconds"], train.images_per_s))
-        metrics.append(row)
-        is_best = val.acc > best_acc
-        if is_best:
-            best_acc, best_epoch = val.acc, epoch
-        checkpoint_state = state(epoch)
-        # best.pt before last.pt: a run killed between the two redoes this epoch on resume and writes
-        # both again, whereas the other order would resume past an epoch whose best.pt was never written.
-        if is_best:
-            save_checkpoint(run_dir / "best.pt", checkpoint_state)
-            save_weights(run_dir / "best.safetensors", checkpoint_state)
-        save_checkpoint(run_dir / "last.pt", checkpoint_state)
-        last_save, saved_at = time.monotonic(), f"epoch {epoch}"
-        plot_curves(history, run_dir / "curves.png")
+        def end_epoch(train: EpochStats) -> None:
+            """Validate, then log and write the metrics, curves and checkpoints of the finished epoch."""
+            nonlocal best_acc, best_epoch, skipped_in_run, last_save, saved_at
+            val = evaluate(train_model, val_loader, precision, len(data.classes), show_progress=show_progress)
+            now_skipped = {**train_loader.skipped, **val_loader.skipped}  # the loaders' lists only grow
+            if len(now_skipped) > len(skipped_in_run):
+                log(f"{len(now_skipped) - len(skipped_in_run)} image(s) became unreadable during epoch {epoch} and "
+                    f"were skipped; see {run_dir / 'skipped_files.txt'}")
+                skipped_in_run = now_skipped
+                atomic_write_text(run_dir / "skipped_files.txt", data.report.format_skipped() + "".join(
+                    f"{path}: {reason} (unreadable since the scan)\n" for path, reason in skipped_in_run.items()))
+            row = {
+                "epoch": epoch, "train_acc": train.acc, "train_loss": train.loss, "val_acc": val.acc,
+                "val_loss": val.loss, "val_top5": val.top5, "lr": optimizer.param_groups[0]["lr"],
+                "epoch_seconds": train.seconds + val.seconds, "train_images_per_s": train.images_per_s,
+                "skipped_in_run": len(skipped_in_run),
+            }
+            history.append(row)
+            log(format_epoch_line(epoch, train.acc, train.loss, val.acc, val.loss, row["lr"],
+                                  row["epoch_seconds"], train.images_per_s))
+            metrics.append(row)
+            is_best = val.acc > best_acc
+            if is_best:
+                best_acc, best_epoch = val.acc, epoch
+            checkpoint_state = state(epoch)
+            # best.pt before last.pt: a run killed between the two redoes this epoch on resume and writes
+            # both again, whereas the other order would resume past an epoch whose best.pt was never written.
+            if is_best:
+                save_checkpoint(run_dir / "best.pt", checkpoint_state)
+                save_weights(run_dir / "best.safetensors", checkpoint_state)
+            save_checkpoint(run_dir / "last.pt", checkpoint_state)
+            last_save, saved_at = time.monotonic(), f"epoch {epoch}"
+            plot_curves(history, run_dir / "curves.png")
 
-    resume_hint = f"Continue with: excite train --resume {run_dir}"
-    try:
-        with StopRequest() as stop_request:
-            for epoch in range(start_epoch, config.epochs + 1):
-                seed_everything(epoch_seed(config.seed, epoch))
-                progress = EpochProgress()
-                if partial is not None:  # finish the epoch a mid-epoch checkpoint stopped in
-                    progress = EpochProgress(**partial["progress"])
-                    restore_rng_state(partial["rng"])
-                    partial = None
-                train_loader.set_epoch(epoch, start_batch=progress.step)
-                train = train_one_epoch(train_model, train_loader, optimizer, scheduler, precision, epoch=epoch,
-                                        label_smoothing=config.label_smoothing, scaler=scaler, mix=mix,
-                                        show_progress=show_progress, progress=progress, after_step=after_step)
-                if train is None:
-                    raise RunInterrupted(f"stopped at epoch {epoch}, step {progress.step}; saved in "
-                                         f"{run_dir / 'last.pt'}. {resume_hint}")
-                end_epoch(train)
-                if stop_request.requested:  # Ctrl-C while validating: the epoch is complete and saved
-                    raise RunInterrupted(f"stopped after epoch {epoch}; saved in {run_dir / 'last.pt'}. {resume_hint}")
-    except NonFiniteLossError as e:
-        saved = (f"the last good checkpoint is {run_dir / 'last.pt'} ({saved_at})" if saved_at
-                 else "no epoch had completed")
-        raise NonFiniteLossError(f"{e}; {saved}") from None
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        # Asked of the disk, not of the loop: Ctrl-C can land after last.pt is renamed into place but before
-        # the loop moves on.
-        if not (run_dir / "last.pt").exists():
-            raise RunInterrupted(f"interrupted during epoch {epoch}, before the first checkpoint; nothing to resume, "
-                                 "start the run again") from None
-        raise RunInterrupted(f"interrupted during epoch {epoch}; {run_dir / 'last.pt'} holds the last checkpoint. "
-                             f"{resume_hint}") from None
-    except torch.OutOfMemoryError:
-        raise ExciteError(
-            f"out of GPU memory at --batch-size {config.batch_size} with {config.model} at {data.img_size}px; "
-            f"try --batch-size {max(1, config.batch_size // 2)}"
-            + ("" if config.amp else " or --amp bf16")
-        ) from None
+        resume_hint = f"Continue with: excite train --resume {run_dir}"
+        try:
+            with StopRequest() as stop_request:
+                for epoch in range(start_epoch, config.epochs + 1):
+                    seed_everything(epoch_seed(config.seed, epoch))
+                    progress = EpochProgress()
+                    if partial is not None:  # finish the epoch a mid-epoch checkpoint stopped in
+                        progress = EpochProgress(**partial["progress"])
+                        restore_rng_state(partial["rng"])
+                        partial = None
+                    train_loader.set_epoch(epoch, start_batch=progress.step)
+                    train = train_one_epoch(train_model, train_loader, optimizer, scheduler, precision, epoch=epoch,
+                                            label_smoothing=config.label_smoothing, scaler=scaler, mix=mix,
+                                            show_progress=show_progress, progress=progress, after_step=after_step)
+                    if train is None:
+                        raise RunInterrupted(f"stopped at epoch {epoch}, step {progress.step}; saved in "
+                                             f"{run_dir / 'last.pt'}. {resume_hint}")
+                    end_epoch(train)
+                    if stop_request.requested:  # Ctrl-C while validating: the epoch is complete and saved
+                        raise RunInterrupted(f"stopped after epoch {epoch}; saved in {run_dir / 'last.pt'}. {resume_hint}")
+        except NonFiniteLossError as e:
+            saved = (f"the last good checkpoint is {run_dir / 'last.pt'} ({saved_at})" if saved_at
+                     else "no epoch had completed")
+            raise NonFiniteLossError(f"{e}; {saved}") from None
+        except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+            # Asked of the disk, not of the loop: Ctrl-C can land after last.pt is renamed into place but before
+            # the loop moves on.
+            if not (run_dir / "last.pt").exists():
+                raise RunInterrupted(f"interrupted during epoch {epoch}, before the first checkpoint; nothing to resume, "
+                                     "start the run again") from None
+            raise RunInterrupted(f"interrupted during epoch {epoch}; {run_dir / 'last.pt'} holds the last checkpoint. "
+                                 f"{resume_hint}") from None
+        except torch.OutOfMemoryError:
+            raise ExciteError(
+                f"out of GPU memory at --batch-size {config.batch_size} with {config.model} at {data.img_size}px; "
+                f"try --batch-size {max(1, config.batch_size // 2)}"
+                + ("" if config.amp else " or --amp bf16")
+            ) from None
 
-    log(f"Best validation accuracy {best_acc:.1%} at epoch {best_epoch}; files in {run_dir}")
-    return RunResult(run_dir=run_dir, best_acc=best_acc, best_epoch=best_epoch, history=history)
+        log(f"Best validation accuracy {best_acc:.1%} at epoch {best_epoch}; files in {run_dir}")
+        return RunResult(run_dir=run_dir, best_acc=best_acc, best_epoch=best_epoch, history=history)
