@@ -175,6 +175,43 @@ def test_images_that_break_during_the_run_are_skipped_counted_and_listed(image_f
     assert load_checkpoint(result.run_dir / "last.pt")["epoch"] == 3
 
 
+def skipped_lines(run: Path) -> dict[str, str]:
+    """The lines of ``run``'s skipped_files.txt by the path they name, checking that no path is listed twice."""
+    lines = (run / "skipped_files.txt").read_text().splitlines()
+    listed = {line.split(": ", 1)[0]: line for line in lines}
+    assert len(listed) == len(lines), lines
+    return listed
+
+
+def test_files_skipped_in_an_earlier_session_stay_listed_after_resume(image_folder, tmp_path):
+    run = tmp_path / "run"
+    deleted, emptied, later = image_folder / "red" / "003.png", image_folder / "green" / "007.png", \
+        image_folder / "blue" / "001.png"
+
+    def break_two_files_after_epoch_1_then_stop(line: str) -> None:
+        if line.startswith("Epoch: 1,"):
+            deleted.unlink()  # the next session's scan will not see it at all
+            emptied.write_bytes(b"")  # the next session's scan lists it as unreadable
+        elif line.startswith("Epoch: 2,"):
+            raise KeyboardInterrupt  # before epoch 2's checkpoint: the resume starts at epoch 2
+
+    config = tiny_config(image_folder, run, epochs=3, batch_size=6, cache_images=False)  # see the test above
+    with pytest.raises(ExciteError, match=f"excite train --resume {run}"):
+        fit(config, log=break_two_files_after_epoch_1_then_stop)
+    assert skipped_lines(run).keys() == {str(deleted), str(emptied)}
+
+    def break_one_more_after_epoch_2(line: str) -> None:
+        if line.startswith("Epoch: 2,"):
+            later.write_text("overwritten with text")
+
+    fit(resume_config(run), resume=True, log=break_one_more_after_epoch_2)
+    listed = skipped_lines(run)
+    assert listed.keys() == {str(deleted), str(emptied), str(later)}
+    assert listed[str(deleted)].endswith("(unreadable since the scan)")  # as the first session recorded it
+    assert not listed[str(emptied)].endswith("(unreadable since the scan)")  # now the scan's own entry
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+
+
 # ------------------------------------------------------------------------------------- kills and resumes
 
 # Runs `excite train ARGS` and SIGKILLs itself at a chosen moment: at the NTH optimizer step ("mid-epoch"), or

@@ -3,8 +3,9 @@
 A run directory holds ``config.json``, ``metrics.csv`` / ``metrics.jsonl``, ``curves.png``,
 ``last.pt`` (every epoch, every ``checkpoint_minutes`` inside an epoch, and on Ctrl-C) and ``best.pt``
 + ``best.safetensors`` (best validation accuracy), and ``skipped_files.txt`` when unreadable images
-were left out. Checkpoints are written atomically, so a run killed at any moment resumes from its last
-checkpoint with ``excite train --resume DIR``.
+were left out (by the scan of any session of the run, or because they broke during one). Checkpoints
+are written atomically, so a run killed at any moment resumes from its last checkpoint with
+``excite train --resume DIR``.
 
 While it trains, a run holds an exclusive lock on ``.lock`` in its directory, so a second ``excite train`` into
 the same directory (a resume, or a new run) is refused instead of interleaving its checkpoints and metrics
@@ -31,7 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from excite.data import batch_mixer, build_data, make_loader
+from excite.data import ScanReport, batch_mixer, build_data, make_loader
 from excite.data.gpu_cache import cached_loaders
 from excite.environment import describe, select_device
 from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted
@@ -130,6 +131,22 @@ def _lock_run_dir(held: ExitStack, run_dir: Path, resume: bool) -> None:
                           "into another --out") from None
     if not resume and (run_dir / "last.pt").exists():
         raise ExciteError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+
+
+def _read_skipped(path: Path) -> dict[str, str]:
+    """The lines of a ``skipped_files.txt`` (``path: reason``) by the path they name; empty if there is none."""
+    if not path.is_file():
+        return {}
+    return {line.split(": ", 1)[0]: line + "\n" for line in path.read_text(encoding="utf-8").splitlines() if line}
+
+
+def _write_skipped(path: Path, scan: ScanReport, earlier: dict[str, str], in_run: dict[str, str]) -> None:
+    """Write ``skipped_files.txt``: this session's scan, then the files only earlier sessions recorded (lines
+    from :func:`_read_skipped`), then the files that became unreadable during this session."""
+    now = {name for name, _ in scan.skipped} | in_run.keys()
+    atomic_write_text(path, scan.format_skipped()
+                      + "".join(line for name, line in earlier.items() if name not in now)
+                      + "".join(f"{name}: {reason} (unreadable since the scan)\n" for name, reason in in_run.items()))
 
 
 def _check_input_size(model: torch.nn.Module, config: TrainConfig, img_size: int, device: torch.device) -> None:
@@ -251,8 +268,11 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         atomic_write_json(sessions_file, sessions + [describe(device)])
         if data.report.images:
             log(f"Scanned {config.data}: {data.report.summary()}")
+        # A resumed run keeps listing what its earlier sessions skipped, though this scan may no longer see it.
+        skipped_before = _read_skipped(run_dir / "skipped_files.txt") if resume else {}
+        if data.report.skipped or skipped_before:
+            _write_skipped(run_dir / "skipped_files.txt", data.report, skipped_before, {})
         if data.report.skipped:
-            atomic_write_text(run_dir / "skipped_files.txt", data.report.format_skipped())
             log(f"Skipped {len(data.report.skipped)} unreadable file(s); see {run_dir / 'skipped_files.txt'}")
         metrics = MetricsLogger(run_dir, resume_epoch=start_epoch - 1)
         log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
@@ -292,8 +312,7 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                 log(f"{len(now_skipped) - len(skipped_in_run)} image(s) became unreadable during epoch {epoch} and "
                     f"were skipped; see {run_dir / 'skipped_files.txt'}")
                 skipped_in_run = now_skipped
-                atomic_write_text(run_dir / "skipped_files.txt", data.report.format_skipped() + "".join(
-                    f"{path}: {reason} (unreadable since the scan)\n" for path, reason in skipped_in_run.items()))
+                _write_skipped(run_dir / "skipped_files.txt", data.report, skipped_before, skipped_in_run)
             row = {
                 "epoch": epoch, "train_acc": train.acc, "train_loss": train.loss, "val_acc": val.acc,
                 "val_loss": val.loss, "val_top5": val.top5, "lr": optimizer.param_groups[0]["lr"],
