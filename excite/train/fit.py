@@ -18,6 +18,7 @@ exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import signal
@@ -25,14 +26,14 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from excite.data import ScanReport, batch_mixer, build_data, make_loader
+from excite.data import DataBundle, batch_mixer, build_data, make_loader
 from excite.data.gpu_cache import cached_loaders
 from excite.environment import describe, select_device
 from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted
@@ -140,15 +141,6 @@ def _read_skipped(path: Path) -> dict[str, str]:
     return {line.split(": ", 1)[0]: line + "\n" for line in path.read_text(encoding="utf-8").splitlines() if line}
 
 
-def _write_skipped(path: Path, scan: ScanReport, earlier: dict[str, str], in_run: dict[str, str]) -> None:
-    """Write ``skipped_files.txt``: this session's scan, then the files only earlier sessions recorded (lines
-    from :func:`_read_skipped`), then the files that became unreadable during this session."""
-    now = {name for name, _ in scan.skipped} | in_run.keys()
-    atomic_write_text(path, scan.format_skipped()
-                      + "".join(line for name, line in earlier.items() if name not in now)
-                      + "".join(f"{name}: {reason} (unreadable since the scan)\n" for name, reason in in_run.items()))
-
-
 def _check_input_size(model: torch.nn.Module, config: TrainConfig, img_size: int, device: torch.device) -> None:
     """Fail before training, with advice, when the model cannot take images of this size."""
     model.eval()
@@ -179,6 +171,108 @@ def _use_image_cache(config: TrainConfig, data, device: torch.device) -> bool:
     # sets this small fit in memory on any device.
     size = (len(data.train) + len(data.val)) * 3 * data.img_size ** 2
     return data.preset == "cifar" and config.augment is None and size <= IMAGE_CACHE_LIMIT
+
+
+@dataclass
+class _Run:
+    """A run in progress: what its checkpoints hold (the model, optimizer and scheduler, the metrics history, the
+    best epoch), what it has told the user (where last.pt stands, which images it skipped), and what happens
+    after each training step and each epoch. :func:`fit` sets everything up, then drives a ``_Run`` through
+    the epochs."""
+
+    config: TrainConfig
+    run_dir: Path
+    data: DataBundle
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    log: Callable[[str], None]
+    history: list[dict] = field(default_factory=list)  # one metrics row per epoch, earlier sessions' included
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    saved_at: str | None = None  # what last.pt holds, for messages: "epoch 3", or "epoch 4, step 120" mid-epoch
+    last_save: float = field(default_factory=time.monotonic)  # when last.pt was written, or the session began
+    skipped_before: dict[str, str] = field(default_factory=dict)  # skipped_files.txt lines of earlier sessions
+    skipped_in_run: dict[str, str] = field(default_factory=dict)  # images unreadable since the scan: path -> reason
+    metrics: MetricsLogger | None = None  # opened once the run directory is locked
+    stop: StopRequest = field(default_factory=StopRequest)
+
+    def restore(self, checkpoint: dict) -> tuple[int, dict | None]:
+        """Load the state of ``checkpoint``; returns the epoch to start at and, if it was saved inside that
+        epoch, where (its ``partial``)."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.history = list(checkpoint["metrics"])
+        self.best_acc, self.best_epoch = checkpoint["best_acc"], checkpoint["best_epoch"]
+        start_epoch, partial = checkpoint["epoch"] + 1, checkpoint.get("partial")
+        self.saved_at = f"epoch {start_epoch}, step {partial['progress']['step']}" if partial else f"epoch {start_epoch - 1}"
+        return start_epoch, partial
+
+    def checkpoint_state(self, epoch: int, partial: dict | None = None) -> dict:
+        """What a checkpoint after ``epoch`` holds (the layout in :mod:`excite.train.checkpoint`)."""
+        return {
+            "model_name": self.config.model, "model_kwargs": dict(self.model.model_kwargs),
+            "classes": list(self.data.classes), "config": self.config.to_dict(), "img_size": self.data.img_size,
+            "preset": self.data.preset, "epoch": epoch, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "metrics": self.history, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+            # A mid-epoch checkpoint also says where in epoch+1 it stopped, and the random state there.
+            "partial": partial,
+        }
+
+    def write_skipped(self) -> None:
+        """Write ``skipped_files.txt``: this session's scan, then the files only earlier sessions recorded, then
+        the images that became unreadable during this session."""
+        scan = self.data.report
+        now = {path for path, _ in scan.skipped} | self.skipped_in_run.keys()
+        atomic_write_text(self.run_dir / "skipped_files.txt", scan.format_skipped()
+                          + "".join(line for path, line in self.skipped_before.items() if path not in now)
+                          + "".join(f"{path}: {reason} (unreadable since the scan)\n"
+                                    for path, reason in self.skipped_in_run.items()))
+
+    def save_mid_epoch(self, epoch: int, progress: EpochProgress) -> bool:
+        """After each training step: checkpoint every --checkpoint-minutes and when Ctrl-C asks to stop; True stops."""
+        if self.stop.requested or time.monotonic() - self.last_save >= self.config.checkpoint_minutes * 60:
+            partial = {"epoch": epoch, "progress": progress.to_dict(), "rng": capture_rng_state()}
+            save_checkpoint(self.run_dir / "last.pt", self.checkpoint_state(epoch - 1, partial))
+            self.last_save, self.saved_at = time.monotonic(), f"epoch {epoch}, step {progress.step}"
+        return self.stop.requested
+
+    def end_epoch(self, epoch: int, train: EpochStats, val: EpochStats, skipped: dict[str, str]) -> None:
+        """Log and write the metrics, curves and checkpoints of a validated epoch; ``skipped`` holds the images
+        the loaders have skipped so far in this session."""
+        if len(skipped) > len(self.skipped_in_run):
+            self.log(f"{len(skipped) - len(self.skipped_in_run)} image(s) became unreadable during epoch {epoch} "
+                     f"and were skipped; see {self.run_dir / 'skipped_files.txt'}")
+            self.skipped_in_run = skipped
+            self.write_skipped()
+        row = {
+            "epoch": epoch, "train_acc": train.acc, "train_loss": train.loss, "val_acc": val.acc,
+            "val_loss": val.loss, "val_top5": val.top5, "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": train.seconds + val.seconds, "train_images_per_s": train.images_per_s,
+            "skipped_in_run": len(self.skipped_in_run),
+        }
+        self.history.append(row)
+        self.log(format_epoch_line(epoch, train.acc, train.loss, val.acc, val.loss, row["lr"],
+                                   row["epoch_seconds"], train.images_per_s))
+        self.metrics.append(row)
+        is_best = val.acc > self.best_acc
+        if is_best:
+            self.best_acc, self.best_epoch = val.acc, epoch
+        state = self.checkpoint_state(epoch)
+        # best.pt before last.pt: a run killed between the two redoes this epoch on resume and writes
+        # both again, whereas the other order would resume past an epoch whose best.pt was never written.
+        if is_best:
+            save_checkpoint(self.run_dir / "best.pt", state)
+            save_weights(self.run_dir / "best.safetensors", state)
+        save_checkpoint(self.run_dir / "last.pt", state)
+        self.last_save, self.saved_at = time.monotonic(), f"epoch {epoch}"
+        plot_curves(self.history, self.run_dir / "curves.png")
 
 
 def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
@@ -242,21 +336,11 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
         train_model = torch.compile(model) if config.compile else model
 
-        history: list[dict] = []
-        best_acc, best_epoch, start_epoch, partial = -1.0, 0, 1, None
-        saved_at = None  # what last.pt holds, for messages: "epoch 3", or "epoch 4, step 120" mid-epoch
+        run = _Run(config, run_dir, data, model, optimizer, scheduler, scaler, log)
+        start_epoch, partial = 1, None
         if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            if scaler is not None and checkpoint.get("scaler"):
-                scaler.load_state_dict(checkpoint["scaler"])
-            history = list(checkpoint["metrics"])
-            best_acc, best_epoch = checkpoint["best_acc"], checkpoint["best_epoch"]
-            start_epoch = checkpoint["epoch"] + 1
-            partial = checkpoint.get("partial")
-            saved_at = f"epoch {start_epoch}, step {partial['progress']['step']}" if partial else f"epoch {start_epoch - 1}"
-            log(f"Resuming {run_dir} from {saved_at}, to epoch {config.epochs}")
+            start_epoch, partial = run.restore(checkpoint)
+            log(f"Resuming {run_dir} from {run.saved_at}, to epoch {config.epochs}")
 
         run_dir.mkdir(parents=True, exist_ok=True)
         if not locked:  # another run may have created the directory meanwhile, and even finished in it
@@ -268,77 +352,21 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         atomic_write_json(sessions_file, sessions + [describe(device)])
         if data.report.images:
             log(f"Scanned {config.data}: {data.report.summary()}")
-        # A resumed run keeps listing what its earlier sessions skipped, though this scan may no longer see it.
-        skipped_before = _read_skipped(run_dir / "skipped_files.txt") if resume else {}
-        if data.report.skipped or skipped_before:
-            _write_skipped(run_dir / "skipped_files.txt", data.report, skipped_before, {})
+        if resume:  # keep listing what earlier sessions skipped, though this scan may no longer see it
+            run.skipped_before = _read_skipped(run_dir / "skipped_files.txt")
+        if data.report.skipped or run.skipped_before:
+            run.write_skipped()
         if data.report.skipped:
             log(f"Skipped {len(data.report.skipped)} unreadable file(s); see {run_dir / 'skipped_files.txt'}")
-        metrics = MetricsLogger(run_dir, resume_epoch=start_epoch - 1)
+        run.metrics = MetricsLogger(run_dir, resume_epoch=start_epoch - 1)
         log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
             f"{len(data.classes)} classes, {data.img_size}px, device {device}, run directory {run_dir}")
 
-        def state(epoch: int, partial: Optional[dict] = None) -> dict:
-            return {
-                "model_name": config.model, "model_kwargs": dict(model.model_kwargs), "classes": list(data.classes),
-                "config": config.to_dict(), "img_size": data.img_size, "preset": data.preset,
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "metrics": history, "best_acc": best_acc, "best_epoch": best_epoch,
-                # A mid-epoch checkpoint also says where in epoch+1 it stopped, and the random state there.
-                "partial": partial,
-            }
-
         mix = batch_mixer(len(data.classes), config.mixup, config.cutmix)
         epoch = start_epoch
-        skipped_in_run: dict[str, str] = {}  # images that became unreadable after the scan: path -> reason
-        last_save = time.monotonic()
-
-        def after_step(progress: EpochProgress) -> bool:
-            """Checkpoint inside the epoch every --checkpoint-minutes and when Ctrl-C asks to stop; True stops."""
-            nonlocal last_save, saved_at
-            if stop_request.requested or time.monotonic() - last_save >= config.checkpoint_minutes * 60:
-                partial_state = {"epoch": epoch, "progress": progress.to_dict(), "rng": capture_rng_state()}
-                save_checkpoint(run_dir / "last.pt", state(epoch - 1, partial_state))
-                last_save, saved_at = time.monotonic(), f"epoch {epoch}, step {progress.step}"
-            return stop_request.requested
-
-        def end_epoch(train: EpochStats) -> None:
-            """Validate, then log and write the metrics, curves and checkpoints of the finished epoch."""
-            nonlocal best_acc, best_epoch, skipped_in_run, last_save, saved_at
-            val = evaluate(train_model, val_loader, precision, len(data.classes), show_progress=show_progress)
-            now_skipped = {**train_loader.skipped, **val_loader.skipped}  # the loaders' lists only grow
-            if len(now_skipped) > len(skipped_in_run):
-                log(f"{len(now_skipped) - len(skipped_in_run)} image(s) became unreadable during epoch {epoch} and "
-                    f"were skipped; see {run_dir / 'skipped_files.txt'}")
-                skipped_in_run = now_skipped
-                _write_skipped(run_dir / "skipped_files.txt", data.report, skipped_before, skipped_in_run)
-            row = {
-                "epoch": epoch, "train_acc": train.acc, "train_loss": train.loss, "val_acc": val.acc,
-                "val_loss": val.loss, "val_top5": val.top5, "lr": optimizer.param_groups[0]["lr"],
-                "epoch_seconds": train.seconds + val.seconds, "train_images_per_s": train.images_per_s,
-                "skipped_in_run": len(skipped_in_run),
-            }
-            history.append(row)
-            log(format_epoch_line(epoch, train.acc, train.loss, val.acc, val.loss, row["lr"],
-                                  row["epoch_seconds"], train.images_per_s))
-            metrics.append(row)
-            is_best = val.acc > best_acc
-            if is_best:
-                best_acc, best_epoch = val.acc, epoch
-            checkpoint_state = state(epoch)
-            # best.pt before last.pt: a run killed between the two redoes this epoch on resume and writes
-            # both again, whereas the other order would resume past an epoch whose best.pt was never written.
-            if is_best:
-                save_checkpoint(run_dir / "best.pt", checkpoint_state)
-                save_weights(run_dir / "best.safetensors", checkpoint_state)
-            save_checkpoint(run_dir / "last.pt", checkpoint_state)
-            last_save, saved_at = time.monotonic(), f"epoch {epoch}"
-            plot_curves(history, run_dir / "curves.png")
-
         resume_hint = f"Continue with: excite train --resume {run_dir}"
         try:
-            with StopRequest() as stop_request:
+            with run.stop:
                 for epoch in range(start_epoch, config.epochs + 1):
                     seed_everything(epoch_seed(config.seed, epoch))
                     progress = EpochProgress()
@@ -349,15 +377,18 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                     train_loader.set_epoch(epoch, start_batch=progress.step)
                     train = train_one_epoch(train_model, train_loader, optimizer, scheduler, precision, epoch=epoch,
                                             label_smoothing=config.label_smoothing, scaler=scaler, mix=mix,
-                                            show_progress=show_progress, progress=progress, after_step=after_step)
+                                            show_progress=show_progress, progress=progress,
+                                            after_step=functools.partial(run.save_mid_epoch, epoch))
                     if train is None:
                         raise RunInterrupted(f"stopped at epoch {epoch}, step {progress.step}; saved in "
                                              f"{run_dir / 'last.pt'}. {resume_hint}")
-                    end_epoch(train)
-                    if stop_request.requested:  # Ctrl-C while validating: the epoch is complete and saved
+                    val = evaluate(train_model, val_loader, precision, len(data.classes), show_progress=show_progress)
+                    # The loaders' lists of skipped images only grow.
+                    run.end_epoch(epoch, train, val, {**train_loader.skipped, **val_loader.skipped})
+                    if run.stop.requested:  # Ctrl-C while validating: the epoch is complete and saved
                         raise RunInterrupted(f"stopped after epoch {epoch}; saved in {run_dir / 'last.pt'}. {resume_hint}")
         except NonFiniteLossError as e:
-            saved = (f"the last good checkpoint is {run_dir / 'last.pt'} ({saved_at})" if saved_at
+            saved = (f"the last good checkpoint is {run_dir / 'last.pt'} ({run.saved_at})" if run.saved_at
                      else "no epoch had completed")
             raise NonFiniteLossError(f"{e}; {saved}") from None
         except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
@@ -375,5 +406,5 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                 + ("" if config.amp else " or --amp bf16")
             ) from None
 
-        log(f"Best validation accuracy {best_acc:.1%} at epoch {best_epoch}; files in {run_dir}")
-        return RunResult(run_dir=run_dir, best_acc=best_acc, best_epoch=best_epoch, history=history)
+        log(f"Best validation accuracy {run.best_acc:.1%} at epoch {run.best_epoch}; files in {run_dir}")
+        return RunResult(run_dir=run_dir, best_acc=run.best_acc, best_epoch=run.best_epoch, history=run.history)
