@@ -414,6 +414,25 @@ def test_a_run_directory_in_use_is_refused_until_its_process_ends(folder, refere
     assert load_checkpoint(run / "last.pt")["epoch"] == 5
 
 
+def test_a_run_keeps_its_directory_locked_until_it_ends(folder, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()  # an existing directory is locked first, then cleaned of leftovers: the lock file must survive
+    refusals = []
+
+    def start_another_run_during_epoch_1(line: str) -> None:
+        if line.startswith("Epoch: 1,"):
+            try:
+                fit(tiny_config(folder, run), log=lambda _: None)
+            except ExciteError as e:
+                refusals.append(str(e))
+
+    fit(tiny_config(folder, run, epochs=2), log=start_another_run_during_epoch_1)
+    in_use = f"{run} is in use by another excite process (pid {os.getpid()})"
+    assert len(refusals) == 1 and refusals[0].startswith(in_use), refusals
+    with exclusive_lock(run / fit_module.LOCK_FILE):  # released at the end
+        pass
+
+
 @pytest.mark.parametrize("other_run", ["running", "finished"])
 def test_a_new_run_directory_taken_during_setup_is_refused(other_run, folder, reference, tmp_path, monkeypatch):
     run = tmp_path / "run"
@@ -436,7 +455,8 @@ def test_a_new_run_directory_taken_during_setup_is_refused(other_run, folder, re
         if other_run == "running":
             assert os.listdir(run) == [fit_module.LOCK_FILE]
         else:
-            assert {p.name: p.read_bytes() for p in run.iterdir()} == {p.name: p.read_bytes() for p in reference.iterdir()}
+            contents = [{p.name: p.read_bytes() for p in d.iterdir()} for d in (run, reference)]
+            assert contents[0] == contents[1]
 
 
 # ---------------------------------------------------------------------------------------- non-finite loss
