@@ -209,7 +209,8 @@ class _Run:
         self.history = list(checkpoint["metrics"])
         self.best_acc, self.best_epoch = checkpoint["best_acc"], checkpoint["best_epoch"]
         start_epoch, partial = checkpoint["epoch"] + 1, checkpoint.get("partial")
-        self.saved_at = f"epoch {start_epoch}, step {partial['progress']['step']}" if partial else f"epoch {start_epoch - 1}"
+        self.saved_at = (f"epoch {start_epoch}, step {partial['progress']['step']}" if partial
+                         else f"epoch {start_epoch - 1}")
         return start_epoch, partial
 
     def checkpoint_state(self, epoch: int, partial: dict | None = None) -> dict:
@@ -308,7 +309,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
             augment=config.augment, seed=config.seed, strict=config.strict,
         )
         if checkpoint is not None and list(checkpoint["classes"]) != list(data.classes):
-            raise CheckpointError(f"the classes of {run_dir}/last.pt do not match the data's; resume with the same data")
+            raise CheckpointError(f"the classes of {run_dir}/last.pt do not match the data's; resume with the same "
+                                  "data")
         workers = config.workers if config.workers >= 0 else (min(4, torch.multiprocessing.cpu_count())
                                                               if device.type == "cuda" else 0)
         if _use_image_cache(config, data, device):
@@ -386,7 +388,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                     # The loaders' lists of skipped images only grow.
                     run.end_epoch(epoch, train, val, {**train_loader.skipped, **val_loader.skipped})
                     if run.stop.requested:  # Ctrl-C while validating: the epoch is complete and saved
-                        raise RunInterrupted(f"stopped after epoch {epoch}; saved in {run_dir / 'last.pt'}. {resume_hint}")
+                        raise RunInterrupted(f"stopped after epoch {epoch}; saved in {run_dir / 'last.pt'}. "
+                                             f"{resume_hint}")
         except NonFiniteLossError as e:
             saved = (f"the last good checkpoint is {run_dir / 'last.pt'} ({run.saved_at})" if run.saved_at
                      else "no epoch had completed")
@@ -395,8 +398,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
             # Asked of the disk, not of the loop: Ctrl-C can land after last.pt is renamed into place but before
             # the loop moves on.
             if not (run_dir / "last.pt").exists():
-                raise RunInterrupted(f"interrupted during epoch {epoch}, before the first checkpoint; nothing to resume, "
-                                     "start the run again") from None
+                raise RunInterrupted(f"interrupted during epoch {epoch}, before the first checkpoint; nothing to "
+                                     "resume, start the run again") from None
             raise RunInterrupted(f"interrupted during epoch {epoch}; {run_dir / 'last.pt'} holds the last checkpoint. "
                                  f"{resume_hint}") from None
         except torch.OutOfMemoryError:
