@@ -185,8 +185,7 @@ def skipped_lines(run: Path) -> dict[str, str]:
 
 def test_files_skipped_in_an_earlier_session_stay_listed_after_resume(image_folder, tmp_path):
     run = tmp_path / "run"
-    deleted, emptied, later = image_folder / "red" / "003.png", image_folder / "green" / "007.png", \
-        image_folder / "blue" / "001.png"
+    deleted, emptied, later = (image_folder / name for name in ("red/003.png", "green/007.png", "blue/001.png"))
 
     def break_two_files_after_epoch_1_then_stop(line: str) -> None:
         if line.startswith("Epoch: 1,"):
@@ -407,7 +406,7 @@ def test_a_run_directory_in_use_is_refused_until_its_process_ends(folder, refere
         assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     finally:
         holder.kill()  # as kill -9 would: the holder has no chance to unlock
-        holder.wait()
+        holder.communicate()
 
     status, err = run_cli(["train", "--resume", str(run), "--epochs", "5"], capsys)
     assert status == 0, err
