@@ -15,7 +15,7 @@ from excite import __version__
 from excite.bench import add_arguments as add_bench_arguments
 from excite.bench import main_bench
 from excite.errors import ExciteError
-from excite.inference import evaluate_checkpoint, predict
+from excite.inference import TTA_CHOICES, TTA_HELP, evaluate_checkpoint, predict
 from excite.models import create_model, list_models, summary
 from excite.train.config import CHOICES, TrainConfig, resolve_config
 from excite.train.fit import fit, resume_config
@@ -89,6 +89,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gamma", type=float, help="decay factor with --sched step")
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--tta", choices=[c for c in CHOICES["tta"] if c],
+                   help="test-time augmentation of validation: flip averages each image with its mirror")
     g = p.add_argument_group("run")
     g.add_argument("--config", help="TOML or JSON file of options; flags override it")
     g.add_argument("--recipe", choices=sorted(RECIPES), help="a tuned option set; other options override it")
@@ -129,11 +131,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     evaluate_checkpoint(args.checkpoint, args.data, out=args.out, batch_size=args.batch_size, device=args.device,
-                        split=args.split, data_root=args.data_root)
+                        split=args.split, data_root=args.data_root, tta=args.tta)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    for path, top in predict(args.checkpoint, args.inputs, topk=args.topk, device=args.device):
+    for path, top in predict(args.checkpoint, args.inputs, topk=args.topk, device=args.device, tta=args.tta):
         print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
 
 
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write eval.json and confusion_matrix.png")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    p.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes of images")
@@ -194,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    p.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("models", help="list model names")

@@ -20,7 +20,10 @@ from excite.nn.fold import fold_batchnorm
 from excite.report.metrics import classification_report
 from excite.report.plots import plot_confusion_matrix
 from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
-from excite.train.loop import Precision, evaluate
+from excite.train.loop import Precision, evaluate, predict_logits
+
+TTA_CHOICES = ("auto", "none", "flip")
+TTA_HELP = "test-time augmentation: flip averages each image with its mirror (auto: as the run validated)"
 
 
 def load_for_inference(path: str | os.PathLike, device: torch.device):
@@ -41,20 +44,22 @@ def load_for_inference(path: str | os.PathLike, device: torch.device):
 
 def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: str | None = None,
                         batch_size: int = 128, device: str = "auto", split: str = "auto",
-                        data_root: str | None = None, log=print) -> dict:
+                        data_root: str | None = None, tta: str = "auto", log=print) -> dict:
     """Top-1/top-5, per-class precision/recall/F1 and a confusion matrix of a checkpoint on ``data``.
 
     ``split="val"`` evaluates the validation split the run itself held out (same seed and fraction);
     ``"all"`` every image of a folder; ``"test"`` the official test set of CIFAR; ``"auto"`` is ``val``
     when ``data`` is what the run trained on, else ``test`` for CIFAR and ``all`` for a folder.
-    Writes ``eval.json`` and ``confusion_matrix.png`` into ``out`` (default: ``eval-<data>`` beside the
-    checkpoint) and returns the metrics.
+    ``tta`` is ``"auto"`` (what the run validated with), ``"none"`` or ``"flip"``. Writes ``eval.json``
+    and ``confusion_matrix.png`` into ``out`` (default: ``eval-<data>`` beside the checkpoint) and
+    returns the metrics.
     """
     if batch_size < 1:
         raise ExciteError(f"--batch-size must be at least 1, got {batch_size}")
     torch_device = select_device(device)
     model, classes, transform, checkpoint = load_for_inference(checkpoint_path, torch_device)
     config = checkpoint.get("config", {})
+    tta = _resolve_tta(tta, config)
     trained_on = str(config.get("data", ""))
     is_cifar = data in CIFAR
     if split == "auto":
@@ -80,9 +85,9 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
             f"the checkpoint was trained on classes {_short(classes)} but {data} has {_short(data_classes)}; "
             "evaluate on data with the same class folders")
     loader = make_loader(dataset, batch_size, train=False)
-    stats = evaluate(model, loader, Precision(torch_device), len(classes))
+    stats = evaluate(model, loader, Precision(torch_device), len(classes), tta=tta)
     report = classification_report(stats.confusion, classes)
-    result = {"checkpoint": str(checkpoint_path), "data": str(data), "split": split, "images": stats.images,
+    result = {"checkpoint": str(checkpoint_path), "data": str(data), "split": split, "tta": tta, "images": stats.images,
               "top1": stats.acc, "top5": stats.top5, "loss": stats.loss, **report}
     out_dir = Path(out) if out else _checkpoint_dir(checkpoint_path) / f"eval-{Path(str(data)).name}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,14 +102,16 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
 
 
 def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, topk: int = 3,
-            device: str = "auto", batch_size: int = 64,
+            device: str = "auto", batch_size: int = 64, tta: str = "auto",
             log_error=None) -> Iterator[tuple[str, list[tuple[str, float]]]]:
     """Yield ``(path, [(class, probability), ...])`` for each image in ``inputs`` (files or folders,
-    searched recursively). Unreadable images are reported through ``log_error`` and skipped."""
+    searched recursively). Unreadable images are reported through ``log_error`` and skipped. ``tta`` as
+    in :func:`evaluate_checkpoint`."""
     if topk < 1:
         raise ExciteError(f"--topk must be at least 1, got {topk}")
     torch_device = select_device(device)
-    model, classes, transform, _ = load_for_inference(checkpoint_path, torch_device)
+    model, classes, transform, checkpoint = load_for_inference(checkpoint_path, torch_device)
+    tta = _resolve_tta(tta, checkpoint.get("config", {}))
     paths = _expand_inputs(inputs)
     k = min(topk, len(classes))
     for start in range(0, len(paths), batch_size):
@@ -118,10 +125,19 @@ def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
         if not batch:
             continue
         with torch.no_grad():
-            probs = model(torch.stack(batch).to(torch_device)).float().softmax(1).cpu()
+            probs = predict_logits(model, torch.stack(batch).to(torch_device), tta).softmax(1).cpu()
         values, indices = probs.topk(k, dim=1)
         for name, vals, idxs in zip(names, values.tolist(), indices.tolist()):
             yield name, [(classes[i], v) for i, v in zip(idxs, vals)]
+
+
+def _resolve_tta(tta: str, config: dict) -> str | None:
+    """The test-time augmentation to use: None or "flip"."""
+    if tta not in TTA_CHOICES:
+        raise ExciteError(f"--tta {tta!r} is not valid: choose one of {', '.join(TTA_CHOICES)}")
+    if tta == "auto":
+        return config.get("tta")  # checkpoints from before --tta existed have none
+    return None if tta == "none" else tta
 
 
 def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:

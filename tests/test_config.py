@@ -33,6 +33,8 @@ def test_json_config_round_trip(tmp_path):
     ({"batch_size": 0}, "--batch-size"),
     ({"opt": "rmsprop"}, "choose one of sgd, adam, adamw"),
     ({"val_split": 1.5}, "--val-split"),
+    ({"tta": "rotate"}, "choose one of None, flip"),
+    ({"tta": "flip", "hflip": False}, "--tta flip needs --hflip"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ExciteError, match=message) as info:

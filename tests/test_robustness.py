@@ -363,6 +363,22 @@ def test_ctrl_c_mid_epoch_saves_that_step_and_resumes_to_the_uninterrupted_resul
         assert_same_run(run, uninterrupted)
 
 
+def test_resuming_mid_epoch_after_the_training_set_shrank_ends_that_epoch(folder, tmp_path, monkeypatch):
+    data = shutil.copytree(folder, tmp_path / "images")
+    run = tmp_path / "run"
+    _at_step(monkeypatch, STEPS_PER_EPOCH + 2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(ExciteError, match="stopped at epoch 2, step 2"):
+        fit(tiny_config(data, run, cache_images=False), log=lambda _: None)
+    monkeypatch.undo()
+    for path in sorted(data.rglob("*.png"))[::3] + sorted(data.rglob("*.png"))[1::3]:
+        path.unlink()  # 12 images left: 9 to train on, one batch of 8, fewer than the 2 steps already done
+    lines = []
+    fit(resume_config(run), resume=True, log=lines.append)
+    assert f"The training set has shrunk since {run / 'last.pt'} was saved at step 2 of epoch 2: that epoch " \
+           "ends there" in lines
+    assert [row["epoch"] for row in metric_rows(run)] == [1, 2, 3, 4]
+
+
 def test_checkpoints_inside_the_epoch_survive_a_crash(folder, reference, tmp_path, monkeypatch):
     run = tmp_path / "run"
     # --checkpoint-minutes 0 checkpoints after every step; the crash lands as epoch 3's 2nd batch arrives.

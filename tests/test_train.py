@@ -6,10 +6,13 @@ import pytest
 import torch
 
 import excite
+import excite.inference
+from excite.data import build_transform, decode_image
 from excite.cli import DEMO_CONFIG, main
 from excite.errors import ExciteError
 from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
 from excite.train.config import resolve_config
+from excite.train.loop import predict_logits
 
 EPOCH_LINE = re.compile(r"^Epoch: ?\d+, Train_acc:\d+\.\d%, Train_loss:\d+\.\d{3}, Val_acc:\d+\.\d%, "
                         r"Val_loss:\d+\.\d{3}, Lr:\d\.\d\dE[+-]\d\d, Time:\d+\.\ds, \d+ img/s$")
@@ -189,3 +192,35 @@ def test_pretrained_weights_start_the_run(image_folder, tmp_path):
     for key in ("conv1.weight", "layer3.2.conv2.weight"):
         torch.testing.assert_close(trained[key], source.state_dict()[key], rtol=0, atol=1e-9)
     assert trained["fc.weight"].shape == (3, 8)
+
+
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 5, 6))  # not mirror-symmetric
+    x = torch.randn(2, 3, 4, 5)
+    logits = predict_logits(model, x, "flip")
+    torch.testing.assert_close(logits, (model(x) + model(x.flip(-1))) / 2)
+    assert not torch.allclose(logits, model(x))
+    assert torch.equal(predict_logits(model, x), model(x))
+
+
+def test_a_run_validated_with_flip_tta_is_evaluated_and_predicted_with_it(image_folder, tmp_path, capsys):
+    run = excite.fit(tiny_config(image_folder, tmp_path / "run", tta="flip"), log=lambda _: None).run_dir
+    best = load_checkpoint(run / "best.pt")
+    assert best["config"]["tta"] == "flip"
+    assert main(["eval", "--checkpoint", str(run), "--data", str(image_folder), "--out", str(tmp_path / "a")]) == 0
+    auto = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert auto["tta"] == "flip" and auto["top1"] == pytest.approx(best["best_acc"])
+    assert main(["eval", "--checkpoint", str(run), "--data", str(image_folder), "--tta", "none",
+                 "--out", str(tmp_path / "b")]) == 0
+    plain = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert plain["tta"] is None and plain["loss"] != pytest.approx(auto["loss"], rel=1e-6)
+
+    image = sorted((image_folder / "red").glob("*.png"))[0]
+    model, classes = model_from_checkpoint(best)
+    x = build_transform(best["preset"], best["img_size"], train=False)(decode_image(image))[None]
+    with torch.no_grad():
+        expected = predict_logits(model.eval(), x, "flip").softmax(1)[0]
+    ((_, top),) = list(excite.inference.predict(run, [image], topk=3))
+    assert [name for name, _ in top] == [classes[i] for i in expected.argsort(descending=True).tolist()]
+    assert [p for _, p in top] == pytest.approx(sorted(expected.tolist(), reverse=True), rel=1e-4)

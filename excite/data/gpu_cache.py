@@ -180,7 +180,7 @@ class CachedLoader:
     def __len__(self) -> int:
         """Batches left in the epoch (all of them unless :meth:`set_epoch` started it later)."""
         n = len(self.images)
-        return (n // self.batch_size if self.drop_last else -(-n // self.batch_size)) - self.start_batch
+        return max(0, (n // self.batch_size if self.drop_last else -(-n // self.batch_size)) - self.start_batch)
 
     def plan(self, epoch: int) -> EpochPlan:
         """The order and augmentation of ``epoch``: a pure function of ``(seed, epoch)`` on this device."""

@@ -23,6 +23,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda", "mps"),
     "preset": ("auto", "imagenet", "cifar"),
     "augment": (None, "trivialaugment", "randaugment"),
+    "tta": (None, "flip"),
 }
 
 
@@ -72,6 +73,9 @@ class TrainConfig:
     amp: Optional[str] = None
     channels_last: bool = False
     compile: bool = False
+    # Test-time augmentation of validation (and of eval/predict with this run's weights): "flip" averages
+    # each image's logits with its mirror image's.
+    tta: Optional[str] = None
 
     def validate(self) -> "TrainConfig":
         """Raise ExciteError with one line for the first value that cannot work."""
@@ -92,6 +96,8 @@ class TrainConfig:
             (self.checkpoint_minutes >= 0, f"--checkpoint-minutes must be >= 0, got {self.checkpoint_minutes}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+            (self.tta != "flip" or self.hflip, "--tta flip needs --hflip: a model that never saw mirrored "
+                                               "images should not be judged on them"),
         ]
         for ok, message in checks:
             if not ok:

@@ -377,6 +377,9 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                         restore_rng_state(partial["rng"])
                         partial = None
                     train_loader.set_epoch(epoch, start_batch=progress.step)
+                    if progress.step and not len(train_loader):
+                        log(f"The training set has shrunk since {run_dir / 'last.pt'} was saved at step "
+                            f"{progress.step} of epoch {epoch}: that epoch ends there")
                     train = train_one_epoch(train_model, train_loader, optimizer, scheduler, precision, epoch=epoch,
                                             label_smoothing=config.label_smoothing, scaler=scaler, mix=mix,
                                             show_progress=show_progress, progress=progress,
@@ -384,7 +387,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                     if train is None:
                         raise RunInterrupted(f"stopped at epoch {epoch}, step {progress.step}; saved in "
                                              f"{run_dir / 'last.pt'}. {resume_hint}")
-                    val = evaluate(train_model, val_loader, precision, len(data.classes), show_progress=show_progress)
+                    val = evaluate(train_model, val_loader, precision, len(data.classes), tta=config.tta,
+                                   show_progress=show_progress)
                     # The loaders' lists of skipped images only grow.
                     run.end_epoch(epoch, train, val, {**train_loader.skipped, **val_loader.skipped})
                     if run.stop.requested:  # Ctrl-C while validating: the epoch is complete and saved

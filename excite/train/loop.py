@@ -140,6 +140,16 @@ def train_one_epoch(
                       images=progress.seen, seconds=seconds)
 
 
+def predict_logits(model: nn.Module, images: torch.Tensor, tta: Optional[str] = None) -> torch.Tensor:
+    """``model(images)`` in float32; with ``tta="flip"`` averaged with the logits of the mirrored images."""
+    logits = model(images).float()
+    if tta == "flip":
+        logits = (logits + model(images.flip(-1)).float()) / 2
+    elif tta is not None:
+        raise ValueError(f"tta must be None or 'flip', got {tta!r}")
+    return logits
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -147,9 +157,11 @@ def evaluate(
     precision: Precision,
     num_classes: int,
     *,
+    tta: Optional[str] = None,
     show_progress: bool = False,
 ) -> EpochStats:
-    """Loss, top-1, top-5 and the confusion matrix (rows: true class, columns: predicted) in eval mode."""
+    """Loss, top-1, top-5 and the confusion matrix (rows: true class, columns: predicted) in eval mode,
+    of the logits of :func:`predict_logits` with ``tta``."""
     model.eval()
     start = time.perf_counter()
     # Sums stay on the device and are read once at the end, so evaluation never waits on the GPU per batch.
@@ -160,7 +172,7 @@ def evaluate(
     for images, targets in _progress(loader, "eval", show_progress):
         images, targets = precision.to_device(images, targets)
         with precision.autocast():
-            logits = model(images).float()
+            logits = predict_logits(model, images, tta)
         loss_sum += F.cross_entropy(logits, targets, reduction="sum")
         top5_hits += (logits.topk(min(5, num_classes), dim=1).indices == targets[:, None]).any(1).sum()
         confusion += confusion_matrix(logits.argmax(1), targets, num_classes)
