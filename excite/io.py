@@ -8,6 +8,7 @@ directory is fsynced so the rename itself survives a power cut.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -96,7 +97,8 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
     Anyone asking while it is held gets :class:`LockHeld` at once, with the holder's process id, which the
     holder keeps in the file. The lock (``flock``) belongs to the open file, so the OS releases it when the
     holder ends, however it ends: a killed process never leaves a stale lock. It is advisory: it keeps out
-    only those who ask for it. Where there is no ``fcntl`` (Windows), nothing is locked.
+    only those who ask for it. Where there is no ``fcntl`` (Windows), or the file system cannot lock
+    (some network file systems), nothing is locked; the latter with a warning.
     """
     if fcntl is None:
         yield
@@ -109,6 +111,13 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).strip()
             raise LockHeld(path, int(holder) if holder.isdigit() else None) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            warnings.warn(f"{path.parent} cannot be locked ({e.strerror}): nothing stops a second process from "
+                          "training in it at the same time", stacklevel=3)
+            yield
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:

@@ -1,4 +1,5 @@
 """Atomic writes, checkpoints (round trip, hostile and broken files) and safetensors weights."""
+import errno
 import os
 import pickle
 import random
@@ -78,6 +79,26 @@ def test_exclusive_lock_refuses_a_second_holder_with_the_first_ones_pid(tmp_path
     with exclusive_lock(tmp_path / "other.lock"), exclusive_lock(tmp_path / "other.lock"):
         pass
     assert not (tmp_path / "other.lock").exists()
+
+
+def test_a_file_system_that_cannot_lock_is_used_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import excite.io
+
+    class NoLocks:  # fcntl as on a network file system without lock support
+        LOCK_EX = LOCK_NB = 0
+
+        @staticmethod
+        def flock(fd, operation):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(excite.io, "fcntl", NoLocks)
+    with pytest.warns(UserWarning, match="cannot be locked \\(No locks available\\)"), \
+            exclusive_lock(tmp_path / ".lock"):
+        entered = True
+    assert entered
+    NoLocks.flock = staticmethod(lambda fd, op: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"), exclusive_lock(tmp_path / ".lock"):
+        pytest.fail("entered without the lock after an I/O error")
 
 
 def test_checkpoint_round_trip_resumes_model_optimizer_scheduler_and_rng(tmp_path):

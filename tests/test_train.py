@@ -224,3 +224,28 @@ def test_a_run_validated_with_flip_tta_is_evaluated_and_predicted_with_it(image_
     ((_, top),) = list(excite.inference.predict(run, [image], topk=3))
     assert [name for name, _ in top] == [classes[i] for i in expected.argsort(descending=True).tolist()]
     assert [p for _, p in top] == pytest.approx(sorted(expected.tolist(), reverse=True), rel=1e-4)
+
+
+@pytest.mark.filterwarnings("error")
+def test_fp16_steps_go_through_the_grad_scaler_which_skips_overflowing_ones():
+    from excite.train.loop import Precision, train_one_epoch
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 16, 16), torch.randint(3, (4,))) for _ in range(2)]
+
+    def one_epoch(init_scale: float):
+        model = excite.create_model("resnet20_cifar", num_classes=3, widths=[4, 8, 8])
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        stats = train_one_epoch(model, batches, optimizer, scheduler, Precision(torch.device("cpu"), "fp16"),
+                                epoch=1, scaler=scaler)
+        changed = any(not torch.equal(before[k], v) for k, v in model.named_parameters())
+        return stats, changed, scaler.get_scale()
+
+    stats, changed, scale = one_epoch(2.0**8)
+    assert stats.images == 8 and stats.loss > 0 and changed and scale == 2.0**8
+    # Scaled by 2^60 the fp16 gradients overflow: both steps are skipped and the scale halves each time.
+    stats, changed, scale = one_epoch(2.0**60)
+    assert stats.images == 8 and not changed and scale == 2.0**58

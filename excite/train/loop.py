@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -125,7 +127,11 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        scheduler.step()
+        with warnings.catch_warnings():
+            # A step the GradScaler skipped (fp16 gradients overflowed) makes torch warn that the scheduler
+            # stepped first; the schedule is a function of the step count, so it stays on course.
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+            scheduler.step()
         n = targets.shape[0]
         progress.step, progress.seen = step + 1, progress.seen + n
         progress.loss_sum += loss.detach() * n
