@@ -109,3 +109,25 @@ def test_main_bench_prints_and_writes_the_results(tmp_path, capsys):
     assert list(written[0]["results"]) == ["excite", "excite-fast"]
     assert all("train" not in r for r in written[0]["results"].values())
     assert (tmp_path / "r.md").read_text() in capsys.readouterr().out
+
+
+def test_run_summary_separates_the_first_epochs_compilation(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("summarise_run", Path(__file__).parents[1] / "bench" /
+                                                  "summarise_run.py")
+    summarise_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarise_run)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "se_resnet18_cifar", "recipe": "cifar-fast", "tta": "flip"}))
+    rows = [(0.80, 31.0), (0.91, 2.0), (0.935, 2.5), (0.94, 2.0)]  # epoch 1 compiles: 29 s over the median 2 s
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": i + 1, "val_acc": acc, "epoch_seconds": s, "train_images_per_s": 45000 / s}) + "\n"
+        for i, (acc, s) in enumerate(rows)))
+    summary = summarise_run.summarise(run)
+    assert summary["seconds"] == 37.5 and summary["compile_seconds_estimate"] == 29.0
+    assert summary["seconds_without_compile"] == 8.5 and summary["best_val_acc"] == 0.94
+    assert summary["first_reached"]["93%"] == {"epoch": 3, "seconds": 35.5, "seconds_without_compile": 6.5}
+    assert "95%" not in summary["first_reached"] and summary["epochs_val_acc"] == [0.8, 0.91, 0.935, 0.94]
