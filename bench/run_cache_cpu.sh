@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${DATA:-data/cifar10-jpeg/train}
-out=${OUT:-bench/results/cache-cpu-$(date +%F)}
+out=${RESULTS:-bench/results/cache-cpu-$(date +%F)}
 runs=runs/bench-cache-cpu
 py=${PYTHON:-python}
 for mode in no-cache-images cache-images; do
@@ -15,4 +15,4 @@ for mode in no-cache-images cache-images; do
     "$py" -m excite.cli train --model resnet20_cifar --data "$data" --val-split 0.1 --epochs 1 --batch-size 128 \
         --lr 0.1 --device cpu --"$mode" --out "$runs/$mode"
 done
-"$py" bench/summarise_run.py "$runs/no-cache-images" "$runs/cache-images" --json "$out.json"
+"$py" -m bench.summarise_run "$runs/no-cache-images" "$runs/cache-images" --json "$out.json"

@@ -6,11 +6,11 @@
 # `mkdir -p data/cifar10-jpeg && tar xzf cifar10-train-jpeg.tar.gz -C data/cifar10-jpeg`).
 # Extra arguments go to every `excite train` (e.g. `--model se_resnet20_cifar`).
 # Run directories go under RUNS (default runs/, git-ignored); the summary, with every epoch's accuracy and
-# time, to OUT.json. Example: EPOCHS="10 16 24" bench/run_recipe_gpu.sh (later runs reuse compiled kernels)
+# time, to RESULTS.json. Example: EPOCHS="10 16 24" bench/run_recipe_gpu.sh (later runs reuse compiled kernels)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${DATA:-data/cifar10-jpeg/train}
-out=${OUT:-bench/results/recipe-cifar-fast-$(date +%F)}
+out=${RESULTS:-bench/results/recipe-cifar-fast-$(date +%F)}
 runs=()
 for epochs in ${EPOCHS:-10}; do
     run="${RUNS:-runs}/recipe-cifar-fast-e$epochs"
@@ -19,4 +19,4 @@ for epochs in ${EPOCHS:-10}; do
         --epochs "$epochs" --out "$run" "$@"
     runs+=("$run")
 done
-"${PYTHON:-python}" bench/summarise_run.py "${runs[@]}" --json "$out.json"
+"${PYTHON:-python}" -m bench.summarise_run "${runs[@]}" --json "$out.json"

@@ -41,8 +41,7 @@ def summarise(run_dir: Path) -> dict:
         "seconds_without_compile": round(elapsed - compile_seconds, 1),
         "tta": config.get("tta"), "first_reached": {f"{t:.0%}": v for t, v in reached.items()},
         "train_images_per_s": sum(row["train_images_per_s"] for row in rows) / len(rows),
-        "epochs_val_acc": [round(row["val_acc"], 4) for row in rows],
-        "epochs_seconds": [round(row["epoch_seconds"], 2) for row in rows],
+        "history": rows,  # every epoch's metrics: the run directories themselves may stay behind
     }
 
 

@@ -353,7 +353,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_bench(args: argparse.Namespace) -> int:
-    """Run :func:`benchmark` for each of ``args.models``, print the reports and write the files asked for."""
+    """Run :func:`benchmark` for each of ``args.models``, print the reports and write the files asked for,
+    after each model, so that a run stopped part-way keeps the models it measured."""
+    for path in (args.json, args.markdown):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
     results, reports = [], []
     for name in args.models:
         result = benchmark(name, batch_size=args.batch_size, img_size=args.img_size,
@@ -364,13 +368,10 @@ def main_bench(args: argparse.Namespace) -> int:
         results.append(result)
         reports.append(format_report(result))
         print(reports[-1], flush=True)
-    for path in (args.json, args.markdown):
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    if args.json:
-        atomic_write_json(args.json, results)
-    if args.markdown:
-        atomic_write_text(args.markdown, "\n".join(reports))
+        if args.json:
+            atomic_write_json(args.json, results)
+        if args.markdown:
+            atomic_write_text(args.markdown, "\n".join(reports))
     return 0
 
 

@@ -130,4 +130,16 @@ def test_run_summary_separates_the_first_epochs_compilation(tmp_path):
     assert summary["seconds"] == 37.5 and summary["compile_seconds_estimate"] == 29.0
     assert summary["seconds_without_compile"] == 8.5 and summary["best_val_acc"] == 0.94
     assert summary["first_reached"]["93%"] == {"epoch": 3, "seconds": 35.5, "seconds_without_compile": 6.5}
-    assert "95%" not in summary["first_reached"] and summary["epochs_val_acc"] == [0.8, 0.91, 0.935, 0.94]
+    assert "95%" not in summary["first_reached"] and [row["val_acc"] for row in summary["history"]] == [
+        0.8, 0.91, 0.935, 0.94]
+
+
+def test_main_bench_keeps_the_models_measured_before_a_failure(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["resnet20_cifar", "no_such_model", "--mode", "infer", "--device", "cpu",
+                              "--batch-size", "2", "--img-size", "32", "--iters", "2", "--repeats", "1",
+                              "--warmup", "0", "--threads", "1", "--no-fast", "--json", str(tmp_path / "r.json")])
+    with pytest.raises(ExciteError, match="no_such_model"):
+        bench.main_bench(args)
+    assert [r["model"] for r in json.loads((tmp_path / "r.json").read_text())] == ["resnet20_cifar"]

@@ -298,6 +298,10 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
             show_progress = sys.stderr.isatty()
 
         device = select_device(config.device)
+        if device.type == "cuda":
+            # Batches keep one shape (fixed image size, drop_last in training), so cuDNN's per-shape choice of
+            # the fastest convolution kernels is made once and pays for the whole run.
+            torch.backends.cudnn.benchmark = True
         if config.amp == "fp16" and device.type != "cuda":
             raise ExciteError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
         precision = Precision(device, config.amp, config.channels_last)
