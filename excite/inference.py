@@ -13,6 +13,7 @@ from excite.data import (ImageFileDataset, build_data, build_transform, cifar_te
 from excite.data.sources import CIFAR
 from excite.data.folder import list_files
 from excite.data.images import is_image_file
+from excite.data.loader import default_workers
 from excite.environment import select_device
 from excite.errors import CheckpointError, DataError, ExciteError
 from excite.io import atomic_write_json
@@ -84,7 +85,7 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
         raise CheckpointError(
             f"the checkpoint was trained on classes {_short(classes)} but {data} has {_short(data_classes)}; "
             "evaluate on data with the same class folders")
-    loader = make_loader(dataset, batch_size, train=False)
+    loader = make_loader(dataset, batch_size, train=False, workers=default_workers(torch_device))
     stats = evaluate(model, loader, Precision(torch_device), len(classes), tta=tta)
     report = classification_report(stats.confusion, classes)
     result = {"checkpoint": str(checkpoint_path), "data": str(data), "split": split, "tta": tta, "images": stats.images,

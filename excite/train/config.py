@@ -50,7 +50,7 @@ class TrainConfig:
     # Decode the whole set once into memory on the training device and augment whole batches there.
     # None: on for CIFAR-size images (the "cifar" preset) up to 2 GiB when no per-image --augment is asked for.
     cache_images: Optional[bool] = None
-    workers: int = -1  # -1: min(4, CPU count) on CUDA, 0 on CPU where worker start-up costs more than it saves
+    workers: int = -1  # -1: excite.data.loader.default_workers (up to 4 on CUDA, none on the CPU)
     # optimisation
     epochs: int = 20
     batch_size: int = 64

@@ -35,6 +35,7 @@ import torch
 
 from excite.data import DataBundle, batch_mixer, build_data, make_loader
 from excite.data.gpu_cache import cached_loaders
+from excite.data.loader import default_workers
 from excite.environment import describe, select_device
 from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted
 from excite.io import LockHeld, atomic_write_json, atomic_write_text, exclusive_lock, remove_leftover_temporaries
@@ -315,8 +316,7 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         if checkpoint is not None and list(checkpoint["classes"]) != list(data.classes):
             raise CheckpointError(f"the classes of {run_dir}/last.pt do not match the data's; resume with the same "
                                   "data")
-        workers = config.workers if config.workers >= 0 else (min(4, torch.multiprocessing.cpu_count())
-                                                              if device.type == "cuda" else 0)
+        workers = config.workers if config.workers >= 0 else default_workers(device)
         if _use_image_cache(config, data, device):
             train_loader, val_loader = cached_loaders(data, config.batch_size, device=device, hflip=config.hflip,
                                                       channels_last=config.channels_last, seed=config.seed)
