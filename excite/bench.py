@@ -347,7 +347,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip torchvision / timm")
-    parser.add_argument("--no-fast", dest="fast", action="store_false", help="skip excite-fast (buffer dense block, folded BatchNorm)")
+    parser.add_argument("--no-fast", dest="fast", action="store_false",
+                        help="skip excite-fast (buffer dense block, folded BatchNorm)")
     parser.add_argument("--json", type=Path, help="write the results (a list, one per model) here")
     parser.add_argument("--markdown", type=Path, help="write the report here")
 

@@ -8,12 +8,19 @@ from typing import Iterator, Sequence
 
 import torch
 
-from excite.data import (ImageFileDataset, build_data, build_transform, cifar_test_set, decode_image, make_loader,
-                         scan_folder)
-from excite.data.sources import CIFAR
+from excite.data import (
+    ImageFileDataset,
+    build_data,
+    build_transform,
+    cifar_test_set,
+    decode_image,
+    make_loader,
+    scan_folder,
+)
 from excite.data.folder import list_files
 from excite.data.images import is_image_file
 from excite.data.loader import default_workers
+from excite.data.sources import CIFAR
 from excite.environment import select_device
 from excite.errors import CheckpointError, DataError, ExciteError
 from excite.io import atomic_write_json

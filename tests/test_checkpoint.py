@@ -13,8 +13,16 @@ import torch
 from excite.errors import CheckpointError
 from excite.io import LockHeld, atomic_write, atomic_write_json, atomic_write_text, exclusive_lock
 from excite.models import create_model
-from excite.train.checkpoint import (capture_rng_state, export_safetensors, load_checkpoint, model_from_checkpoint,
-                                     read_weights, restore_rng_state, save_checkpoint, save_weights)
+from excite.train.checkpoint import (
+    capture_rng_state,
+    export_safetensors,
+    load_checkpoint,
+    model_from_checkpoint,
+    read_weights,
+    restore_rng_state,
+    save_checkpoint,
+    save_weights,
+)
 
 TINY = dict(layers=(1, 1, 1), widths=(4, 8, 8), num_classes=3)
 

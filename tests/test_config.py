@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from excite.cli import build_parser, _train_overrides
+from excite.cli import _train_overrides, build_parser
 from excite.errors import ExciteError
 from excite.train.config import TrainConfig, resolve_config
 from excite.train.optim import lr_factor

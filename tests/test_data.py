@@ -22,7 +22,6 @@ from excite.data import (
 )
 from excite.errors import DataError
 
-
 H, W = 20, 30  # non-square, so a rotation shows in the decoded shape
 
 

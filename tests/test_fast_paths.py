@@ -199,8 +199,8 @@ def test_crop_flip_matches_torchvision_image_by_image():
     top, left = torch.randint(9, (2, 6))
     flip = torch.tensor([True, False, True, False, False, True])
     expected = []
-    for image, t, l, f in zip(images, top.tolist(), left.tolist(), flip.tolist()):
-        image = TF.crop(TF.pad(image, [4]), t, l, 7, 9)
+    for image, t, left_, f in zip(images, top.tolist(), left.tolist(), flip.tolist()):
+        image = TF.crop(TF.pad(image, [4]), t, left_, 7, 9)
         expected.append(TF.horizontal_flip(image) if f else image)
     assert torch.equal(crop_flip(images, top, left, flip, pad=4), torch.stack(expected))
 

@@ -7,8 +7,13 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-from excite.report.metrics import (MetricsLogger, classification_report, confusion_matrix, format_epoch_line,
-                                   topk_accuracy)
+from excite.report.metrics import (
+    MetricsLogger,
+    classification_report,
+    confusion_matrix,
+    format_epoch_line,
+    topk_accuracy,
+)
 from excite.report.plots import plot_confusion_matrix, plot_curves
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,8 +7,8 @@ import torch
 
 import excite
 import excite.inference
-from excite.data import build_transform, decode_image
 from excite.cli import DEMO_CONFIG, main
+from excite.data import build_transform, decode_image
 from excite.errors import ExciteError
 from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
 from excite.train.config import resolve_config
@@ -110,7 +110,7 @@ def test_resume_ends_like_an_uninterrupted_run(image_folder, tmp_path):
     timing = ("epoch_seconds", "train_images_per_s")
     for a, b in zip(full.history, resumed.history):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
-    a, b = load_checkpoint(tmp_path / "full" / "last.pt")["model"], load_checkpoint(tmp_path / "split" / "last.pt")["model"]
+    a, b = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("full", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(json.loads((tmp_path / "split" / "environment.json").read_text())) == 2  # the start and the resume
     jsonl = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
@@ -156,7 +156,7 @@ def test_image_cache_path_trains_resumes_and_evaluates_like_the_loader(image_fol
     with pytest.raises(ExciteError):
         excite.fit(tiny_config(image_folder, tmp_path / "split", epochs=2, cache_images=True), log=stop_in_epoch_2)
     excite.fit(excite.resume_config(tmp_path / "split"), resume=True, log=lambda _: None)
-    a, b = load_checkpoint(tmp_path / "full" / "last.pt")["model"], load_checkpoint(tmp_path / "split" / "last.pt")["model"]
+    a, b = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("full", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # Validation batches from the cache are the per-image pipeline's: same model, same numbers.

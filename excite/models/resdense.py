@@ -17,8 +17,8 @@ from torch import nn
 from excite.models._base import ClassifierModel, init_weights
 from excite.models._registry import register_model
 from excite.models.densenet import imagenet_stem
-from excite.nn.dense import Transition
 from excite.nn.attention import AttnSpec, create_attn
+from excite.nn.dense import Transition
 
 
 class ResDenseLayer(nn.Module):

@@ -43,8 +43,7 @@ from excite.models import create_model
 from excite.models.weights import load_weights
 from excite.report.metrics import MetricsLogger, format_epoch_line
 from excite.report.plots import plot_curves
-from excite.train.checkpoint import (capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint,
-                                     save_weights)
+from excite.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, save_weights
 from excite.train.config import TrainConfig
 from excite.train.loop import EpochProgress, EpochStats, Precision, evaluate, train_one_epoch
 from excite.train.optim import build_optimizer, build_scheduler
