@@ -48,7 +48,7 @@ class DenseNet(ClassifierModel):
         memory_efficient: recompute each bottleneck in backward to save memory (slower).
         impl: "plain" concatenates features before every layer, as torchvision does; "fast" writes them
             into one pre-allocated buffer per block and recomputes BN-ReLU in backward (same function
-            and weights, about half the training memory; see :mod:`excite.nn.dense_fast`).
+            and weights, about 40% of the training memory; see :mod:`excite.nn.dense_fast`).
     """
 
     head_name = "classifier"

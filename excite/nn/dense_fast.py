@@ -5,7 +5,8 @@ layer, so a block of L layers copies O(L^2) channels, and autograd keeps each co
 BN-ReLU output for the backward pass. :class:`FastDenseBlock` allocates the block's output once; each
 layer reads its input as a channel prefix of that buffer and writes its new features after it. The
 BN-ReLU-Conv1x1 bottleneck over the prefix is a custom autograd Function that saves only the batch
-statistics and recomputes BN-ReLU in backward (the memory-efficient DenseNet of Pleiss et al., 2017).
+statistics and recomputes BN-ReLU in backward (the memory-efficient DenseNet of Pleiss et al., 2017);
+the layer's BN-ReLU-Conv3x3 after it does the same, keeping its input but not its BN-ReLU output.
 
 The block has the same parameters, buffers and state-dict keys as the plain one and computes the same
 function (running statistics included), so weights interchange and :func:`make_fast` converts a built
@@ -21,6 +22,35 @@ from torch.autograd.function import once_differentiable
 from excite.nn.dense import DenseBlock
 
 
+def _norm_relu_conv(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, running_mean: torch.Tensor,
+                    running_var: torch.Tensor, conv_weight: torch.Tensor, momentum: float, eps: float,
+                    padding: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode ``conv(relu(batch_norm(x)))`` without autograd; also returns the batch mean and
+    inverse standard deviation, all that backward needs besides ``x`` to recompute the rest."""
+    # Compute in x's dtype (bf16 under autocast) and cast the weight as autocast would.
+    with torch.autocast(x.device.type, enabled=False):
+        hidden, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps)
+        return F.conv2d(hidden.relu_(), conv_weight.to(hidden.dtype), padding=padding), mean, invstd
+
+
+def _norm_relu_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor,
+                             norm_bias: torch.Tensor, conv_weight: torch.Tensor, mean: torch.Tensor,
+                             invstd: torch.Tensor, eps: float, padding: int) -> tuple[torch.Tensor, ...]:
+    """Gradients of :func:`_norm_relu_conv` for x, the norm's weight and bias and the conv weight, with the
+    BN-ReLU output recomputed from ``x`` and the saved batch statistics."""
+    scale = norm_weight * invstd
+    shift = norm_bias - mean * scale
+    hidden = torch.addcmul(shift[:, None, None], x, scale[:, None, None]).relu_().to(x.dtype)
+    grad_hidden, grad_conv, _ = torch.ops.aten.convolution_backward(
+        grad_out, hidden, conv_weight.to(hidden.dtype), None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0)  # ReLU's backward
+    grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        grad_hidden, x, norm_weight, None, None, mean, invstd, True, eps, [True, True, True])
+    return grad_x, grad_weight, grad_bias, grad_conv
+
+
 class _Bottleneck(torch.autograd.Function):
     """Training-mode ``conv1(relu(norm1(buffer[:, :channels])))``, where ``features`` fill those channels.
 
@@ -32,11 +62,8 @@ class _Bottleneck(torch.autograd.Function):
     def forward(ctx, buffer: torch.Tensor, channels: int, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
                 running_mean: torch.Tensor, running_var: torch.Tensor, conv_weight: torch.Tensor,
                 momentum: float, eps: float, *features: torch.Tensor) -> torch.Tensor:
-        # Compute in the buffer's dtype (bf16 under autocast) and cast the weight as autocast would.
-        with torch.autocast(buffer.device.type, enabled=False):
-            hidden, mean, invstd = torch.ops.aten.native_batch_norm(
-                buffer[:, :channels], norm_weight, norm_bias, running_mean, running_var, True, momentum, eps)
-            out = F.conv2d(hidden.relu_(), conv_weight.to(hidden.dtype))
+        out, mean, invstd = _norm_relu_conv(buffer[:, :channels], norm_weight, norm_bias, running_mean,
+                                            running_var, conv_weight, momentum, eps, padding=0)
         ctx.buffer = buffer  # not save_for_backward: later layers write its other channels in place
         ctx.sizes, ctx.eps = [f.shape[1] for f in features], eps
         ctx.save_for_backward(norm_weight, norm_bias, conv_weight, mean, invstd)
@@ -48,17 +75,33 @@ class _Bottleneck(torch.autograd.Function):
         norm_weight, norm_bias, conv_weight, mean, invstd = ctx.saved_tensors
         # A dense copy of the prefix: the batch-norm backward kernels are much slower on a strided view.
         x = ctx.buffer[:, :sum(ctx.sizes)].contiguous(memory_format=_memory_format(ctx.buffer))
-        scale = norm_weight * invstd
-        shift = norm_bias - mean * scale
-        hidden = torch.addcmul(shift[:, None, None], x, scale[:, None, None]).relu_().to(x.dtype)
-        grad_hidden, grad_conv, _ = torch.ops.aten.convolution_backward(
-            grad_out, hidden, conv_weight.to(hidden.dtype), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [True, True, False])
-        grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0)  # ReLU's backward
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_hidden, x, norm_weight, None, None, mean, invstd, True, ctx.eps, [True, True, True])
+        grad_x, grad_weight, grad_bias, grad_conv = _norm_relu_conv_backward(
+            grad_out, x, norm_weight, norm_bias, conv_weight, mean, invstd, ctx.eps, padding=0)
         return (None, None, grad_weight, grad_bias, None, None, grad_conv, None, None,
                 *grad_x.split(ctx.sizes, 1))
+
+
+class _NormReluConv(torch.autograd.Function):
+    """Training-mode ``conv(relu(norm(x)))`` (a dense layer's BN-ReLU-Conv3x3) that keeps only ``x`` and the
+    batch statistics for backward, where the BN-ReLU output is recomputed, instead of that output too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, running_mean: torch.Tensor,
+                running_var: torch.Tensor, conv_weight: torch.Tensor, momentum: float, eps: float,
+                padding: int) -> torch.Tensor:
+        out, mean, invstd = _norm_relu_conv(x, norm_weight, norm_bias, running_mean, running_var, conv_weight,
+                                            momentum, eps, padding)
+        ctx.eps, ctx.padding = eps, padding
+        ctx.save_for_backward(x, norm_weight, norm_bias, conv_weight, mean, invstd)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, norm_weight, norm_bias, conv_weight, mean, invstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias, grad_conv = _norm_relu_conv_backward(
+            grad_out, x, norm_weight, norm_bias, conv_weight, mean, invstd, ctx.eps, ctx.padding)
+        return grad_x, grad_weight, grad_bias, None, None, grad_conv, None, None, None
 
 
 class _BlockOutput(torch.autograd.Function):
@@ -116,7 +159,9 @@ class FastDenseBlock(DenseBlock):
             norm = layer.norm1
             hidden = _Bottleneck.apply(buffer, filled, norm.weight, norm.bias, norm.running_mean, norm.running_var,
                                        layer.conv1.weight, _momentum(norm), norm.eps, *features)
-            new = layer.new_features(hidden)
+            norm, conv = layer.norm2, layer.conv2
+            new = layer.finish(_NormReluConv.apply(hidden, norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                                                   conv.weight, _momentum(norm), norm.eps, conv.padding[0]))
             with torch.no_grad():
                 buffer[:, filled:filled + new.shape[1]] = new
             features.append(new)
