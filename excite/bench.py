@@ -87,6 +87,7 @@ def _candidates(model_name: str, num_classes: int, modes: Sequence[str], peers: 
         return {mode: copy.deepcopy(m) for mode in modes}
 
     candidates = [_Candidate("excite", f"excite.{model_name}", both(model), params)]
+    # The fastest eager path per mode: the buffer block trains DenseNets, folded BatchNorm infers.
     fast_models = {}
     if "train" in modes and isinstance(model, DenseNet):
         fast_models["train"] = make_fast(copy.deepcopy(model))
@@ -97,10 +98,10 @@ def _candidates(model_name: str, num_classes: int, modes: Sequence[str], peers: 
                             for mode in fast_models)
         candidates.append(_Candidate("excite-fast", f"excite.{model_name} + {source}", fast_models, params))
     if compile in ("excite", "all"):
-        # The fast dense block takes the plain path inside torch.compile, so training compiles the plain model.
-        eager = {"train": copy.deepcopy(model), "infer": fold_batchnorm(model) if fast else copy.deepcopy(model)}
+        # Training compiles the model as built: inside torch.compile the buffer block takes the plain path.
+        eager = {"train": model, **({"infer": fast_models["infer"]} if "infer" in modes else {})}
         candidates.append(_Candidate("excite+compile", f"torch.compile(excite.{model_name})",
-                                     {mode: torch.compile(eager[mode]) for mode in modes}, params))
+                                     {mode: torch.compile(copy.deepcopy(eager[mode])) for mode in modes}, params))
     for package, name in (PEERS.get(model_name, {}).items() if peers else ()):
         if importlib.util.find_spec(package) is None:
             continue

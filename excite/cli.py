@@ -89,7 +89,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gamma", type=float, help="decay factor with --sched step")
     g.add_argument("--warmup-epochs", type=float)
     g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--tta", choices=[c for c in CHOICES["tta"] if c],
+    g.add_argument("--tta", choices=CHOICES["tta"],
                    help="test-time augmentation of validation: flip averages each image with its mirror")
     g = p.add_argument_group("run")
     g.add_argument("--config", help="TOML or JSON file of options; flags override it")

@@ -139,13 +139,13 @@ def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
             yield name, [(classes[i], v) for i, v in zip(idxs, vals)]
 
 
-def _resolve_tta(tta: str, config: dict) -> str | None:
-    """The test-time augmentation to use: None or "flip"."""
+def _resolve_tta(tta: str, config: dict) -> str:
+    """The test-time augmentation to use: "none" or "flip"."""
     if tta not in TTA_CHOICES:
         raise ExciteError(f"--tta {tta!r} is not valid: choose one of {', '.join(TTA_CHOICES)}")
     if tta == "auto":
-        return config.get("tta")  # checkpoints from before --tta existed have none
-    return None if tta == "none" else tta
+        return config.get("tta") or "none"  # checkpoints from before --tta existed have none
+    return tta
 
 
 def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:

@@ -82,6 +82,24 @@ def remove_leftover_temporaries(directory: str | os.PathLike) -> None:
             leftover.unlink(missing_ok=True)
 
 
+# Descriptors of the locks this process holds. A forked child (a DataLoader worker) inherits them, and an
+# flock lasts while any descriptor of the open file does, so the child closes its copies at once.
+_held_lock_fds: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _held_lock_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_lock_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class LockHeld(Exception):
     """Another open file holds the lock asked for; ``pid`` is its process, None when unknown."""
 
@@ -96,8 +114,9 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
 
     Anyone asking while it is held gets :class:`LockHeld` at once, with the holder's process id, which the
     holder keeps in the file. The lock (``flock``) belongs to the open file, so the OS releases it when the
-    holder ends, however it ends: a killed process never leaves a stale lock. It is advisory: it keeps out
-    only those who ask for it. Where there is no ``fcntl`` (Windows), or the file system cannot lock
+    holder ends, however it ends: a killed process never leaves a stale lock (processes forked from the
+    holder, such as data loader workers, close their inherited copy). It is advisory: it keeps out only
+    those who ask for it. Where there is no ``fcntl`` (Windows), or the file system cannot lock
     (some network file systems), nothing is locked; the latter with a warning.
     """
     if fcntl is None:
@@ -108,6 +127,7 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).strip()
             raise LockHeld(path, int(holder) if holder.isdigit() else None) from None
@@ -116,13 +136,17 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
                 raise
             warnings.warn(f"{path.parent} cannot be locked ({e.strerror}): nothing stops a second process from "
                           "training in it at the same time", stacklevel=3)
+            locked = False
+        if not locked:
             yield
             return
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held_lock_fds.add(fd)
         try:
             yield
         finally:
+            _held_lock_fds.discard(fd)
             # Emptied before release, so the file names a process only while that process holds the lock
             # (or was killed holding it).
             os.ftruncate(fd, 0)

@@ -1,8 +1,10 @@
 """Atomic writes, checkpoints (round trip, hostile and broken files) and safetensors weights."""
 import errno
+import multiprocessing
 import os
 import pickle
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,30 @@ def test_exclusive_lock_refuses_a_second_holder_with_the_first_ones_pid(tmp_path
     with exclusive_lock(tmp_path / "other.lock"), exclusive_lock(tmp_path / "other.lock"):
         pass
     assert not (tmp_path / "other.lock").exists()
+
+
+def _signal_then_sleep(started) -> None:
+    started.set()
+    time.sleep(30)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    # Data loader workers are forked from the training process: they must not hold its run directory's
+    # lock after the process lets it go, or outlive it with the lock when it is killed.
+    lock = tmp_path / ".lock"
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    with exclusive_lock(lock):
+        child = context.Process(target=_signal_then_sleep, args=(started,))
+        child.start()
+    assert started.wait(30)  # the child runs (and has closed what it inherited)
+    try:
+        with exclusive_lock(lock):
+            assert lock.read_text() == f"{os.getpid()}\n"
+    finally:
+        child.kill()
+        child.join()
 
 
 def test_a_file_system_that_cannot_lock_is_used_unlocked_with_a_warning(tmp_path, monkeypatch):

@@ -33,13 +33,20 @@ def test_json_config_round_trip(tmp_path):
     ({"batch_size": 0}, "--batch-size"),
     ({"opt": "rmsprop"}, "choose one of sgd, adam, adamw"),
     ({"val_split": 1.5}, "--val-split"),
-    ({"tta": "rotate"}, "choose one of None, flip"),
+    ({"tta": "rotate"}, "choose one of none, flip"),
     ({"tta": "flip", "hflip": False}, "--tta flip needs --hflip"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ExciteError, match=message) as info:
         resolve_config(None, **overrides)
     assert "\n" not in str(info.value)
+
+
+def test_a_recipe_with_flip_tta_trains_without_flips_once_tta_is_off():
+    with pytest.raises(ExciteError, match="add --tta none"):
+        resolve_config(None, recipe="cifar-fast", hflip=False)
+    config = resolve_config(None, recipe="cifar-fast", hflip=False, tta="none")
+    assert (config.tta, config.hflip, config.model) == ("none", False, "se_resnet18_cifar")
 
 
 def test_unknown_key_in_config_file(tmp_path):

@@ -379,6 +379,19 @@ def test_resuming_mid_epoch_after_the_training_set_shrank_ends_that_epoch(folder
     assert [row["epoch"] for row in metric_rows(run)] == [1, 2, 3, 4]
 
 
+def test_ctrl_c_at_the_last_step_of_an_epoch_resumes_without_a_shrinking_message(folder, reference, tmp_path,
+                                                                                  monkeypatch):
+    run = tmp_path / "run"
+    _at_step(monkeypatch, 2 * STEPS_PER_EPOCH, lambda: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(ExciteError, match=f"stopped at epoch 2, step {STEPS_PER_EPOCH}"):
+        fit(tiny_config(folder, run), log=lambda _: None)
+    monkeypatch.undo()
+    lines = []
+    fit(resume_config(run), resume=True, log=lines.append)
+    assert not any("shrunk" in line for line in lines), lines
+    assert_same_run(run, reference)
+
+
 def test_checkpoints_inside_the_epoch_survive_a_crash(folder, reference, tmp_path, monkeypatch):
     run = tmp_path / "run"
     # --checkpoint-minutes 0 checkpoints after every step; the crash lands as epoch 3's 2nd batch arrives.

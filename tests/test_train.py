@@ -201,7 +201,9 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
     logits = predict_logits(model, x, "flip")
     torch.testing.assert_close(logits, (model(x) + model(x.flip(-1))) / 2)
     assert not torch.allclose(logits, model(x))
-    assert torch.equal(predict_logits(model, x), model(x))
+    assert torch.equal(predict_logits(model, x), model(x)) and torch.equal(predict_logits(model, x, "none"), model(x))
+    with pytest.raises(ValueError, match="'none' or 'flip'"):
+        predict_logits(model, x, None)
 
 
 def test_a_run_validated_with_flip_tta_is_evaluated_and_predicted_with_it(image_folder, tmp_path, capsys):
@@ -214,7 +216,7 @@ def test_a_run_validated_with_flip_tta_is_evaluated_and_predicted_with_it(image_
     assert main(["eval", "--checkpoint", str(run), "--data", str(image_folder), "--tta", "none",
                  "--out", str(tmp_path / "b")]) == 0
     plain = json.loads((tmp_path / "b" / "eval.json").read_text())
-    assert plain["tta"] is None and plain["loss"] != pytest.approx(auto["loss"], rel=1e-6)
+    assert plain["tta"] == "none" and plain["loss"] != pytest.approx(auto["loss"], rel=1e-6)
 
     image = sorted((image_folder / "red").glob("*.png"))[0]
     model, classes = model_from_checkpoint(best)

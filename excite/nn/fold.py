@@ -2,8 +2,9 @@
 
 In eval mode a BatchNorm is a fixed per-channel affine map, so ``bn(conv(x))`` equals one convolution
 with scaled weights and a bias. Folding removes a pass over every such activation: ResNet-style
-blocks (conv -> BN throughout) lose all their BatchNorms, DenseNets only the stem's, since their
-layers apply BN -> ReLU -> conv and a ReLU stands between each BN and the next convolution.
+blocks (conv -> BN throughout) lose all their BatchNorms; a DenseNet about half, the stem's and the BN
+after each layer's bottleneck conv, since elsewhere it applies BN -> ReLU -> conv to features that
+several layers read.
 """
 from __future__ import annotations
 

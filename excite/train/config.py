@@ -23,7 +23,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda", "mps"),
     "preset": ("auto", "imagenet", "cifar"),
     "augment": (None, "trivialaugment", "randaugment"),
-    "tta": (None, "flip"),
+    "tta": ("none", "flip"),
 }
 
 
@@ -75,7 +75,7 @@ class TrainConfig:
     compile: bool = False
     # Test-time augmentation of validation (and of eval/predict with this run's weights): "flip" averages
     # each image's logits with its mirror image's.
-    tta: Optional[str] = None
+    tta: str = "none"
 
     def validate(self) -> "TrainConfig":
         """Raise ExciteError with one line for the first value that cannot work."""
@@ -97,7 +97,7 @@ class TrainConfig:
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
             (self.tta != "flip" or self.hflip, "--tta flip needs --hflip: a model that never saw mirrored "
-                                               "images should not be judged on them"),
+                                               "images should not be judged on them; add --tta none"),
         ]
         for ok, message in checks:
             if not ok:

@@ -379,10 +379,11 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                         progress = EpochProgress(**partial["progress"])
                         restore_rng_state(partial["rng"])
                         partial = None
-                    train_loader.set_epoch(epoch, start_batch=progress.step)
-                    if progress.step and not len(train_loader):
+                    train_loader.set_epoch(epoch)
+                    if progress.step > len(train_loader):  # files went missing since the mid-epoch checkpoint
                         log(f"The training set has shrunk since {run_dir / 'last.pt'} was saved at step "
                             f"{progress.step} of epoch {epoch}: that epoch ends there")
+                    train_loader.set_epoch(epoch, start_batch=progress.step)
                     train = train_one_epoch(train_model, train_loader, optimizer, scheduler, precision, epoch=epoch,
                                             label_smoothing=config.label_smoothing, scaler=scaler, mix=mix,
                                             show_progress=show_progress, progress=progress,

@@ -146,13 +146,13 @@ def train_one_epoch(
                       images=progress.seen, seconds=seconds)
 
 
-def predict_logits(model: nn.Module, images: torch.Tensor, tta: Optional[str] = None) -> torch.Tensor:
+def predict_logits(model: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """``model(images)`` in float32; with ``tta="flip"`` averaged with the logits of the mirrored images."""
     logits = model(images).float()
     if tta == "flip":
         logits = (logits + model(images.flip(-1)).float()) / 2
-    elif tta is not None:
-        raise ValueError(f"tta must be None or 'flip', got {tta!r}")
+    elif tta != "none":
+        raise ValueError(f"tta must be 'none' or 'flip', got {tta!r}")
     return logits
 
 
@@ -163,7 +163,7 @@ def evaluate(
     precision: Precision,
     num_classes: int,
     *,
-    tta: Optional[str] = None,
+    tta: str = "none",
     show_progress: bool = False,
 ) -> EpochStats:
     """Loss, top-1, top-5 and the confusion matrix (rows: true class, columns: predicted) in eval mode,
