@@ -237,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         print("excite: error: out of memory; try a smaller --batch-size or --img-size, or --device cpu",
               file=sys.stderr)
         return 2
+    except OSError as e:  # what the system refused (a full disk, a read-only folder), and for which file
+        if args.debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        # Every file excite writes is replaced atomically, so a failed write leaves the previous version.
+        print(f"excite: error: {e.strerror or e}{where}; the files written before are intact (a stopped run "
+              "continues with --resume once this is fixed)", file=sys.stderr)
+        return 2
     return 0
 
 

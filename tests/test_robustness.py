@@ -4,6 +4,7 @@ user mistakes, each reported as one line.
 Every run is a tiny ResNet-20 on a generated 16-pixel folder (30 training images, 3 steps an epoch), so a
 whole run takes about a second; only the tests that kill or interrupt a real process start one.
 """
+import errno
 import importlib
 import io
 import itertools
@@ -634,6 +635,26 @@ BAD_FLAGS = {
     "not key=value": (["train", "--model-arg", "widths"], "expected KEY=VALUE"),
     "unknown flag": (["models", "--colour"], "unrecognized arguments: --colour"),
 }
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays(folder, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    original = torch.save
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch", 0) >= 2:  # a checkpoint after epoch 1: half written
+            f.write(b"\0" * 1024)
+            raise OSError(errno.ENOSPC, "No space left on device", str(run / "last.pt"))
+        original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    status, err = run_cli(train_args(folder, run), capsys)
+    line = assert_one_line_error(status, err, f"No space left on device: {run}")
+    assert "intact" in line and "--resume" in line
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1  # the epoch before the disk filled
+    assert not list(run.glob(".*.tmp"))
+    with pytest.raises(OSError, match="No space left"):  # --debug lets the traceback through
+        main(["--debug", *train_args(folder, tmp_path / "again")])
 
 
 @pytest.mark.parametrize("name", USER_ERRORS)
