@@ -91,7 +91,7 @@ def _candidates(model_name: str, num_classes: int, modes: Sequence[str], peers: 
     fast_models = {}
     if "train" in modes and isinstance(model, DenseNet):
         fast_models["train"] = make_fast(copy.deepcopy(model))
-    if "infer" in modes:
+    if "infer" in modes and (fast or compile != "none"):
         fast_models["infer"] = fold_batchnorm(model)
     if fast and fast_models:
         source = " / ".join(f"{mode}: " + ("make_fast" if mode == "train" else "fold_batchnorm")

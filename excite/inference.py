@@ -28,9 +28,10 @@ from excite.nn.fold import fold_batchnorm
 from excite.report.metrics import classification_report
 from excite.report.plots import plot_confusion_matrix
 from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
+from excite.train.config import CHOICES
 from excite.train.loop import Precision, evaluate, predict_logits
 
-TTA_CHOICES = ("auto", "none", "flip")
+TTA_CHOICES = ("auto", *CHOICES["tta"])  # auto: what the run validated with
 TTA_HELP = "test-time augmentation: flip averages each image with its mirror (auto: as the run validated)"
 
 

@@ -106,39 +106,39 @@ def train_one_epoch(
     begun = time.perf_counter() - progress.seconds
     progress.loss_sum = torch.as_tensor(progress.loss_sum, dtype=torch.float32, device=precision.device)
     progress.correct = torch.as_tensor(progress.correct, dtype=torch.long, device=precision.device)
-    for step, (images, targets) in enumerate(_progress(loader, f"epoch {epoch}", show_progress), progress.step):
-        images, targets = precision.to_device(images, targets)
-        loss_targets = targets
-        if mix is not None:  # mixup/cutmix: the loss sees soft targets, accuracy the original labels
-            images, loss_targets = mix(images, targets)
-        with precision.autocast():
-            logits = model(images)
-            loss = F.cross_entropy(logits.float(), loss_targets, label_smoothing=label_smoothing)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the training loss became {loss.item()} at epoch {epoch}, step {step + 1}; the weights were not "
-                "updated with it. Lower --lr, add --warmup-epochs, or use --amp bf16 instead of fp16"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        with warnings.catch_warnings():
-            # A step the GradScaler skipped (fp16 gradients overflowed) makes torch warn that the scheduler
-            # stepped first; the schedule is a function of the step count, so it stays on course.
-            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+    with warnings.catch_warnings():
+        # A step the GradScaler skipped (fp16 gradients overflowed) makes torch warn that the scheduler
+        # stepped first; the schedule is a function of the step count, so it stays on course.
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+        for step, (images, targets) in enumerate(_progress(loader, f"epoch {epoch}", show_progress), progress.step):
+            images, targets = precision.to_device(images, targets)
+            loss_targets = targets
+            if mix is not None:  # mixup/cutmix: the loss sees soft targets, accuracy the original labels
+                images, loss_targets = mix(images, targets)
+            with precision.autocast():
+                logits = model(images)
+                loss = F.cross_entropy(logits.float(), loss_targets, label_smoothing=label_smoothing)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"the training loss became {loss.item()} at epoch {epoch}, step {step + 1}; the weights were not "
+                    "updated with it. Lower --lr, add --warmup-epochs, or use --amp bf16 instead of fp16"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             scheduler.step()
-        n = targets.shape[0]
-        progress.step, progress.seen = step + 1, progress.seen + n
-        progress.loss_sum += loss.detach() * n
-        progress.correct += (logits.argmax(1) == targets).sum()
-        progress.seconds = time.perf_counter() - begun
-        if after_step is not None and after_step(progress):
-            return None
+            n = targets.shape[0]
+            progress.step, progress.seen = step + 1, progress.seen + n
+            progress.loss_sum += loss.detach() * n
+            progress.correct += (logits.argmax(1) == targets).sum()
+            progress.seconds = time.perf_counter() - begun
+            if after_step is not None and after_step(progress):
+                return None
     if progress.seen == 0:
         raise ExciteError("the training loader produced no batches: is the training set empty?")
     seconds = time.perf_counter() - begun
