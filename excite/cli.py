@@ -17,7 +17,7 @@ from excite.bench import main_bench
 from excite.errors import ExciteError
 from excite.inference import TTA_CHOICES, TTA_HELP, evaluate_checkpoint, predict
 from excite.models import create_model, list_models, summary
-from excite.train.config import CHOICES, TrainConfig, resolve_config
+from excite.train.config import CHOICES, DEVICE_HELP, TrainConfig, resolve_config
 from excite.train.fit import fit, resume_config
 from excite.train.recipes import RECIPES
 
@@ -64,6 +64,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", help="where CIFAR is stored or downloaded to")
     g.add_argument("--val-split", type=float, help="fraction held out for validation (default 0.2)")
     g.add_argument("--val-dir", help="a separate validation folder instead of a split")
+    g.add_argument("--data-layout", choices=CHOICES["data_layout"],
+                   help="auto (default): a folder of train/ and val/ (or test/) subfolders, each holding the same "
+                        "class folders, is used as that split; classes: every top-level folder is a class")
     g.add_argument("--img-size", type=int, help="side of the square input (default 224, or 32 for CIFAR)")
     g.add_argument("--preset", choices=CHOICES["preset"], help="transforms: imagenet or cifar style")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
@@ -72,6 +75,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
     g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
                    help="fail on unreadable images instead of skipping them")
+    g.add_argument("--max-pixels", type=int,
+                   help="skip images with more pixels than this as unreadable (default 89,478,485, PIL's limit "
+                        "against decompression bombs)")
     g.add_argument("--workers", type=int, help="data loader processes (default: auto)")
     g.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
                    help="decode the data set once into device memory and augment there (default: on for "
@@ -98,8 +104,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     g.add_argument("--checkpoint-minutes", type=float,
                    help="also checkpoint inside an epoch this often (default 10; 0: after every step)")
+    g.add_argument("--save", choices=CHOICES["save"],
+                   help="best (default): last.pt to resume and best.safetensors, the best weights; all: also "
+                        "best.pt, a full checkpoint of the best epoch; last: last.pt alone")
+    g.add_argument("--progress-seconds", type=float,
+                   help="without a terminal, print a progress line this often inside an epoch (default 30; 0: off)")
     g.add_argument("--seed", type=int)
-    g.add_argument("--device", choices=CHOICES["device"])
+    g.add_argument("--device", help=DEVICE_HELP)
     g.add_argument("--amp", choices=[c for c in CHOICES["amp"] if c], help="mixed precision")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
@@ -176,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small SE-DenseNet on the bundled digits (CPU, about 30 s)")
     p.add_argument("--out", help="run directory (default runs/<model>-<time>)")
-    p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="top-1/top-5, per-class report and confusion matrix of a checkpoint")
@@ -188,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root")
     p.add_argument("--out", help="where to write eval.json and confusion_matrix.png")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     p.set_defaults(func=cmd_eval)
 
@@ -196,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a .pt checkpoint, a .safetensors file or a run directory")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--topk", type=int, default=3)
-    p.add_argument("--device", choices=CHOICES["device"], default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
     p.set_defaults(func=cmd_predict)
 
