@@ -38,13 +38,15 @@ TTA_HELP = "test-time augmentation: flip averages each image with its mirror (au
 def load_for_inference(path: str | os.PathLike, device: torch.device):
     """Model (eval mode, on ``device``), class names and the eval transform of a checkpoint or weights file.
 
-    A run directory means its ``best.pt`` (the weights with the best validation accuracy). The model has
+    A run directory means its best weights (``best.pt`` or ``best.safetensors``), or its ``last.pt`` when it
+    kept no best weights (``--save last``). The model has
     its BatchNorms folded into the convolutions before them (:func:`~excite.nn.fold.fold_batchnorm`):
     the same function, fewer passes over the activations.
     """
     path = Path(path)
-    if path.is_dir() and (path / "best.pt").exists():
-        path = path / "best.pt"
+    if path.is_dir():
+        # The best epoch's weights (best.safetensors, or best.pt with --save all), else the last epoch's.
+        path = next((path / name for name in ("best.pt", "best.safetensors") if (path / name).exists()), path)
     checkpoint = load_checkpoint(path)
     model, classes = model_from_checkpoint(checkpoint)
     transform = build_transform(checkpoint["preset"], checkpoint["img_size"], train=False)

@@ -295,14 +295,17 @@ def test_run_killed_at_any_moment_resumes_to_the_uninterrupted_result(where, fol
     assert_same_run(run, reference)
 
 
-def test_ctrl_c_keeps_a_readable_checkpoint_and_prints_the_resume_command(folder, tmp_path, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_keeps_a_readable_checkpoint_and_prints_the_resume_command(folder, tmp_path, capsys, signum):
+    # SIGTERM is what job schedulers (and `kill`) send before they kill: it stops the run as Ctrl-C does.
     run = tmp_path / "run"
     # Many epochs, so that the run is still going when the signal comes; it is stopped after the first.
-    interrupted = signal_after_first_checkpoint(train_args(folder, run, epochs=200), run, signal.SIGINT)
+    interrupted = signal_after_first_checkpoint(train_args(folder, run, epochs=200), run, signum)
 
     line = assert_one_line_error(interrupted.returncode, interrupted.stderr,
                                  f"Continue with: excite train --resume {run}")
-    assert interrupted.returncode == 130  # 128 + SIGINT, as shells report Ctrl-C
+    assert interrupted.returncode == 128 + signum  # as shells report a process stopped by that signal
+    assert line.startswith(f"excite: error: stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} ")
     assert f"saved in {run / 'last.pt'}" in line
     saved_epoch = load_checkpoint(run / "last.pt")["epoch"]
     assert saved_epoch >= 1
@@ -346,7 +349,8 @@ def test_ctrl_c_mid_epoch_saves_that_step_and_resumes_to_the_uninterrupted_resul
     run = tmp_path / "run"
     # Ctrl-C while the 2nd step of epoch 2 trains: that step finishes, is saved, and the run stops.
     _at_step(monkeypatch, STEPS_PER_EPOCH + 2, lambda: os.kill(os.getpid(), signal.SIGINT))
-    with pytest.raises(ExciteError, match=f"stopped at epoch 2, step 2; saved in {run / 'last.pt'}") as stopped:
+    expected = f"stopped by Ctrl-C at epoch 2, step 2; saved in {run / 'last.pt'}"
+    with pytest.raises(ExciteError, match=expected) as stopped:
         fit(tiny_config(folder, run, cache_images=cache_images), log=lambda _: None)
     assert stopped.value.exit_code == 130 and f"excite train --resume {run}" in str(stopped.value)
     saved = load_checkpoint(run / "last.pt")
@@ -368,7 +372,7 @@ def test_resuming_mid_epoch_after_the_training_set_shrank_ends_that_epoch(folder
     data = shutil.copytree(folder, tmp_path / "images")
     run = tmp_path / "run"
     _at_step(monkeypatch, STEPS_PER_EPOCH + 2, lambda: os.kill(os.getpid(), signal.SIGINT))
-    with pytest.raises(ExciteError, match="stopped at epoch 2, step 2"):
+    with pytest.raises(ExciteError, match="stopped by Ctrl-C at epoch 2, step 2"):
         fit(tiny_config(data, run, cache_images=False), log=lambda _: None)
     monkeypatch.undo()
     for path in sorted(data.rglob("*.png"))[::3] + sorted(data.rglob("*.png"))[1::3]:
@@ -384,7 +388,7 @@ def test_ctrl_c_at_the_last_step_of_an_epoch_resumes_without_a_shrinking_message
                                                                                   monkeypatch):
     run = tmp_path / "run"
     _at_step(monkeypatch, 2 * STEPS_PER_EPOCH, lambda: os.kill(os.getpid(), signal.SIGINT))
-    with pytest.raises(ExciteError, match=f"stopped at epoch 2, step {STEPS_PER_EPOCH}"):
+    with pytest.raises(ExciteError, match=f"stopped by Ctrl-C at epoch 2, step {STEPS_PER_EPOCH}"):
         fit(tiny_config(folder, run), log=lambda _: None)
     monkeypatch.undo()
     lines = []

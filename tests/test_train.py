@@ -9,7 +9,7 @@ import excite
 import excite.inference
 from excite.cli import DEMO_CONFIG, main
 from excite.data import build_transform, decode_image
-from excite.errors import ExciteError
+from excite.errors import ExciteError, NonFiniteLossError
 from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
 from excite.train.config import resolve_config
 from excite.train.loop import predict_logits
@@ -26,7 +26,7 @@ def tiny_config(data, out, **overrides) -> excite.TrainConfig:
 
 def test_two_epochs_write_every_artifact(image_folder, tmp_path):
     lines = []
-    result = excite.fit(tiny_config(image_folder, tmp_path / "run"), log=lines.append)
+    result = excite.fit(tiny_config(image_folder, tmp_path / "run", save="all"), log=lines.append)
     run = result.run_dir
 
     epoch_lines = [line for line in lines if line.startswith("Epoch:")]
@@ -70,12 +70,12 @@ def test_eval_and_predict_from_the_checkpoint(image_folder, tmp_path, capsys):
     assert "top-1" in capsys.readouterr().out
 
     # auto: the run's own validation split (20% of the folder, stratified).
-    assert main(["eval", "--checkpoint", str(run / "best.pt"), "--data", str(image_folder),
+    assert main(["eval", "--checkpoint", str(run / "best.safetensors"), "--data", str(image_folder),
                  "--out", str(tmp_path / "eval-val")]) == 0
     val_report = json.loads((tmp_path / "eval-val" / "eval.json").read_text())
     assert val_report["split"] == "val" and val_report["images"] < images
-    best = load_checkpoint(run / "best.pt")
-    assert val_report["top1"] == pytest.approx(best["best_acc"])  # same images, same weights, same number
+    best_acc = load_checkpoint(run / "last.pt")["best_acc"]
+    assert val_report["top1"] == pytest.approx(best_acc)  # same images, same weights, same number
 
     capsys.readouterr()
     (image_folder / "red" / "._000.png").write_bytes(b"\0\5\26\7")  # macOS metadata, not an image: not listed
@@ -207,12 +207,13 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
 
 
 def test_a_run_validated_with_flip_tta_is_evaluated_and_predicted_with_it(image_folder, tmp_path, capsys):
-    run = excite.fit(tiny_config(image_folder, tmp_path / "run", tta="flip"), log=lambda _: None).run_dir
-    best = load_checkpoint(run / "best.pt")
+    result = excite.fit(tiny_config(image_folder, tmp_path / "run", tta="flip"), log=lambda _: None)
+    run = result.run_dir
+    best = load_checkpoint(run / "best.safetensors")
     assert best["config"]["tta"] == "flip"
     assert main(["eval", "--checkpoint", str(run), "--data", str(image_folder), "--out", str(tmp_path / "a")]) == 0
     auto = json.loads((tmp_path / "a" / "eval.json").read_text())
-    assert auto["tta"] == "flip" and auto["top1"] == pytest.approx(best["best_acc"])
+    assert auto["tta"] == "flip" and auto["top1"] == pytest.approx(result.best_acc)
     assert main(["eval", "--checkpoint", str(run), "--data", str(image_folder), "--tta", "none",
                  "--out", str(tmp_path / "b")]) == 0
     plain = json.loads((tmp_path / "b" / "eval.json").read_text())
@@ -251,3 +252,61 @@ def test_fp16_steps_go_through_the_grad_scaler_which_skips_overflowing_ones():
     # Scaled by 2^60 the fp16 gradients overflow: both steps are skipped and the scale halves each time.
     stats, changed, scale = one_epoch(2.0**60)
     assert stats.images == 8 and not changed and scale == 2.0**58
+
+
+def test_the_lr_column_holds_the_rate_each_epoch_trained_with(image_folder, tmp_path):
+    # StepLR-style decay every epoch: epoch 1 trains at 0.01, epoch 2 at 0.001. The column used to show the
+    # rate after the epoch's last scheduler step, one epoch ahead (1.00E-03 on epoch 1).
+    lines = []
+    config = tiny_config(image_folder, tmp_path / "run", sched="step", step_size=1, gamma=0.1, lr=0.01)
+    excite.fit(config, log=lines.append)
+    epoch_lines = [line for line in lines if line.startswith("Epoch:")]
+    assert "Lr:1.00E-02" in epoch_lines[0] and "Lr:1.00E-03" in epoch_lines[1]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows] == pytest.approx([0.01, 0.001])
+    assert [row["lr_last"] for row in rows] == pytest.approx([0.01, 0.001])
+
+    # Cosine: each epoch's first step trains at the rate the schedule gives it, never at 0 in the last epoch.
+    steps = []
+    cosine = tiny_config(image_folder, tmp_path / "cosine", sched="cosine", lr=0.01)
+    excite.fit(cosine, log=lambda _: None, on_step=steps.append)
+    rows = [json.loads(line) for line in (tmp_path / "cosine" / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = len(steps) // 2
+    assert rows[0]["lr"] == pytest.approx(0.01) and rows[1]["lr"] > 0
+    assert [row["lr"] for row in rows] == pytest.approx([steps[0]["lr"], steps[per_epoch]["lr"]])
+    assert rows[1]["lr_last"] == pytest.approx(steps[-1]["lr"])
+    assert [s["step"] for s in steps] == list(range(1, per_epoch + 1)) * 2
+
+
+def test_the_save_policy_decides_which_checkpoint_files_a_run_keeps(image_folder, tmp_path):
+    files = {}
+    for policy in ("best", "all", "last"):
+        run = excite.fit(tiny_config(image_folder, tmp_path / policy, save=policy), log=lambda _: None).run_dir
+        files[policy] = {p.name for p in run.iterdir() if p.suffix in (".pt", ".safetensors")}
+        # eval finds the weights the policy kept.
+        assert main(["eval", "--checkpoint", str(run), "--data", str(image_folder), "--split", "all",
+                     "--out", str(tmp_path / f"eval-{policy}")]) == 0
+    assert files == {"best": {"last.pt", "best.safetensors"}, "all": {"last.pt", "best.pt", "best.safetensors"},
+                     "last": {"last.pt"}}
+
+
+def test_weights_that_become_non_finite_are_never_checkpointed(image_folder, tmp_path, monkeypatch):
+    # A step that leaves a BatchNorm statistic infinite though its loss was finite: no checkpoint may hold it.
+    import importlib
+
+    fit_module = importlib.import_module("excite.train.fit")
+    real = fit_module.train_one_epoch
+
+    def poisoned(model, *args, **kwargs):
+        stats = real(model, *args, **kwargs)
+        if kwargs["epoch"] == 2:
+            next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("inf"))
+        return stats
+
+    monkeypatch.setattr(fit_module, "train_one_epoch", poisoned)
+    with pytest.raises(NonFiniteLossError, match="became NaN or infinite after epoch 2") as info:
+        excite.fit(tiny_config(image_folder, tmp_path / "run", epochs=3), log=lambda _: None)
+    assert "last good checkpoint" in str(info.value) and "(epoch 1)" in str(info.value)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())

@@ -48,7 +48,7 @@ VERSION = 1
 LAST = "last.pt"
 BEST = "best.pt"
 # What a weights file needs besides the tensors to rebuild the model and prepare its inputs.
-WEIGHTS_METADATA = ("model_name", "model_kwargs", "classes", "img_size", "preset")
+WEIGHTS_METADATA = ("model_name", "model_kwargs", "classes", "img_size", "preset", "config", "epoch")
 
 # Exact types, not subclasses: numpy.float64 is a float but pickles as a numpy global that
 # weights_only refuses, and a namedtuple is a tuple that pickles as its class.

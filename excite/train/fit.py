@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import random
 import signal
 import sys
@@ -45,8 +46,8 @@ from excite.report.metrics import MetricsLogger, format_epoch_line
 from excite.report.plots import plot_curves
 from excite.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, save_weights
 from excite.train.config import TrainConfig
-from excite.train.loop import EpochProgress, EpochStats, Precision, evaluate, train_one_epoch
-from excite.train.optim import build_optimizer, build_scheduler
+from excite.train.loop import EpochProgress, EpochStats, Precision, ProgressDisplay, evaluate, train_one_epoch
+from excite.train.optim import build_optimizer, build_scheduler, lr_factor
 
 # The largest uint8 image set (in bytes) that --cache-images is on for by default: CIFAR-10 at 32 px takes
 # 150 MiB; a limit 13x that still fits beside training in a laptop's or a small GPU's memory.
@@ -66,26 +67,43 @@ class RunResult:
 
 
 class StopRequest:
-    """Within ``with``, the first Ctrl-C (SIGINT) only sets :attr:`requested`, so training can stop
-    after the current step with a checkpoint; a second Ctrl-C interrupts at once."""
+    """Within ``with``, the first Ctrl-C (SIGINT) or SIGTERM (what job schedulers and ``kill`` send before they
+    kill) only sets :attr:`requested`, so training can stop after the current step with a checkpoint; a second
+    one interrupts at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal_name = "Ctrl-C"  # what asked to stop, for the message
+        self.exit_code = 130  # what shells report for a process stopped by that signal: 128 + its number
+        self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if signum == signal.SIGTERM:
+            self.signal_name, self.exit_code = "SIGTERM", 128 + signal.SIGTERM
+
+    def interrupted(self, where: str) -> RunInterrupted:
+        """The error that ends a run stopped ``where`` (e.g. "after epoch 3; saved in ...")."""
+        error = RunInterrupted(f"stopped by {self.signal_name} {where}")
+        error.exit_code = self.exit_code
+        return error
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for name in self.SIGNALS:
+                number = getattr(signal, name, None)  # Windows has no SIGTERM handler to speak of
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
 
 
 def seed_everything(seed: int) -> None:
@@ -188,6 +206,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     log: Callable[[str], None]
+    steps_per_epoch: int
     history: list[dict] = field(default_factory=list)  # one metrics row per epoch, earlier sessions' included
     best_acc: float = -1.0
     best_epoch: int = 0
@@ -236,9 +255,20 @@ class _Run:
                           + "".join(f"{path}: {reason} (unreadable since the scan)\n"
                                     for path, reason in self.skipped_in_run.items()))
 
+    def check_finite(self, when: str) -> None:
+        """Refuse to go on (and so to checkpoint) once a weight or a BatchNorm statistic is NaN or infinite: a
+        checkpoint is only ever written from a state training can continue from."""
+        for kind, named in (("parameter", self.model.named_parameters()), ("buffer", self.model.named_buffers())):
+            for name, tensor in named:
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise NonFiniteLossError(f"the model's {kind} {name} became NaN or infinite {when}, so it was "
+                                             f"not saved. Lower --lr, add --warmup-epochs, or use a smaller "
+                                             "--batch-size")
+
     def save_mid_epoch(self, epoch: int, progress: EpochProgress) -> bool:
         """After each training step: checkpoint every --checkpoint-minutes and when Ctrl-C asks to stop; True stops."""
         if self.stop.requested or time.monotonic() - self.last_save >= self.config.checkpoint_minutes * 60:
+            self.check_finite(f"at epoch {epoch}, step {progress.step}")
             partial = {"epoch": epoch, "progress": progress.to_dict(), "rng": capture_rng_state()}
             save_checkpoint(self.run_dir / "last.pt", self.checkpoint_state(epoch - 1, partial))
             self.last_save, self.saved_at = time.monotonic(), f"epoch {epoch}, step {progress.step}"
@@ -252,9 +282,17 @@ class _Run:
                      f"and were skipped; see {self.run_dir / 'skipped_files.txt'}")
             self.skipped_in_run = skipped
             self.write_skipped()
+        if not math.isfinite(val.loss):
+            raise NonFiniteLossError(f"the validation loss became {val.loss} at epoch {epoch}, so that epoch was not "
+                                     "saved. Lower --lr, add --warmup-epochs, or use --amp bf16 instead of fp16")
+        self.check_finite(f"after epoch {epoch}")
         row = {
             "epoch": epoch, "train_acc": train.acc, "train_loss": train.loss, "val_acc": val.acc,
-            "val_loss": val.loss, "val_top5": val.top5, "lr": self.optimizer.param_groups[0]["lr"],
+            "val_loss": val.loss, "val_top5": val.top5,
+            # The rate of the epoch's first step, as the tutorials print it; with a per-step schedule (cosine,
+            # one-cycle, warm-up) the rate moves during the epoch, and lr_last is that of its last step.
+            "lr": self.config.lr * lr_factor((epoch - 1) * self.steps_per_epoch, self.steps_per_epoch, self.config),
+            "lr_last": train.lr_last,
             "epoch_seconds": train.seconds + val.seconds, "train_images_per_s": train.images_per_s,
             "skipped_in_run": len(self.skipped_in_run),
         }
@@ -266,10 +304,11 @@ class _Run:
         if is_best:
             self.best_acc, self.best_epoch = val.acc, epoch
         state = self.checkpoint_state(epoch)
-        # best.pt before last.pt: a run killed between the two redoes this epoch on resume and writes
-        # both again, whereas the other order would resume past an epoch whose best.pt was never written.
-        if is_best:
-            save_checkpoint(self.run_dir / "best.pt", state)
+        # The best epoch before last.pt: a run killed between the two redoes this epoch on resume and writes
+        # both again, whereas the other order would resume past an epoch whose best weights were never written.
+        if is_best and self.config.save in ("best", "all"):
+            if self.config.save == "all":
+                save_checkpoint(self.run_dir / "best.pt", state)
             save_weights(self.run_dir / "best.safetensors", state)
         save_checkpoint(self.run_dir / "last.pt", state)
         self.last_save, self.saved_at = time.monotonic(), f"epoch {epoch}"
@@ -277,11 +316,14 @@ class _Run:
 
 
 def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
-        show_progress: Optional[bool] = None) -> RunResult:
+        show_progress: Optional[bool] = None, on_step: Optional[Callable[[dict], None]] = None) -> RunResult:
     """Train ``config.model`` on ``config.data`` and write the run directory; returns the best result.
 
     With ``resume=True`` the run continues in ``config.out`` from its ``last.pt`` (use
-    :func:`resume_config` to get the config back).
+    :func:`resume_config` to get the config back). ``log`` receives every line the run prints.
+    ``show_progress`` (default: when stderr is a terminal) shows a progress bar with running numbers;
+    without one, ``log`` gets a progress line every ``config.progress_seconds``. ``on_step`` receives each
+    training step's ``{"epoch", "step", "lr", "loss"}``, for a logger that wants per-step values.
     """
     config.validate()
     run_dir = Path(config.out) if config.out else default_run_dir(config.model)
@@ -296,6 +338,7 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         remove_leftover_temporaries(run_dir)
         if show_progress is None:
             show_progress = sys.stderr.isatty()
+        display = ProgressDisplay(bar=show_progress, every_seconds=config.progress_seconds, log=log)
 
         device = select_device(config.device)
         if device.type == "cuda":
@@ -341,7 +384,7 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
         train_model = torch.compile(model) if config.compile else model
 
-        run = _Run(config, run_dir, data, model, optimizer, scheduler, scaler, log)
+        run = _Run(config, run_dir, data, model, optimizer, scheduler, scaler, log, len(train_loader))
         start_epoch, partial = 1, None
         if checkpoint is not None:
             start_epoch, partial = run.restore(checkpoint)
@@ -386,18 +429,18 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                     train_loader.set_epoch(epoch, start_batch=progress.step)
                     train = train_one_epoch(train_model, train_loader, optimizer, scheduler, precision, epoch=epoch,
                                             label_smoothing=config.label_smoothing, scaler=scaler, mix=mix,
-                                            show_progress=show_progress, progress=progress,
+                                            display=display, progress=progress, on_step=on_step,
                                             after_step=functools.partial(run.save_mid_epoch, epoch))
                     if train is None:
-                        raise RunInterrupted(f"stopped at epoch {epoch}, step {progress.step}; saved in "
-                                             f"{run_dir / 'last.pt'}. {resume_hint}")
+                        raise run.stop.interrupted(f"at epoch {epoch}, step {progress.step}; saved in "
+                                                   f"{run_dir / 'last.pt'}. {resume_hint}")
                     val = evaluate(train_model, val_loader, precision, len(data.classes), tta=config.tta,
                                    show_progress=show_progress)
                     # The loaders' lists of skipped images only grow.
                     run.end_epoch(epoch, train, val, {**train_loader.skipped, **val_loader.skipped})
                     if run.stop.requested:  # Ctrl-C while validating: the epoch is complete and saved
-                        raise RunInterrupted(f"stopped after epoch {epoch}; saved in {run_dir / 'last.pt'}. "
-                                             f"{resume_hint}")
+                        raise run.stop.interrupted(f"after epoch {epoch}; saved in {run_dir / 'last.pt'}. "
+                                                   f"{resume_hint}")
         except NonFiniteLossError as e:
             saved = (f"the last good checkpoint is {run_dir / 'last.pt'} ({run.saved_at})" if run.saved_at
                      else "no epoch had completed")

@@ -47,6 +47,7 @@ class EpochStats:
     seconds: float
     top5: float = float("nan")
     confusion: Optional[torch.Tensor] = field(default=None, repr=False)
+    lr_last: float = float("nan")  # the learning rate of the epoch's last step (training only)
 
     @property
     def images_per_s(self) -> float:
@@ -55,6 +56,48 @@ class EpochStats:
 
 def _progress(loader: Iterable, desc: str, show: bool):
     return tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ProgressDisplay:
+    """What a training epoch shows while it runs.
+
+    On a terminal (``bar``), a tqdm bar whose postfix holds the running loss, accuracy, learning rate and
+    images/s. Elsewhere (a log file, a notebook, ``nohup``), one plain line through ``log`` every
+    ``every_seconds`` (0: none). Reading the running sums waits for the device, so both refresh at most
+    about once a second, never on every step.
+    """
+
+    def __init__(self, *, bar: bool, every_seconds: float = 30.0, log: Callable[[str], None] = print) -> None:
+        self.bar, self.every_seconds, self.log = bar, every_seconds, log
+        self.refresh_seconds = 1.0 if bar else every_seconds
+
+    def wrap(self, loader: Iterable, desc: str):
+        """``loader``, with a progress bar when there is a terminal."""
+        return _progress(loader, desc, self.bar)
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+
+    def update(self, bar, progress: "EpochProgress", total: int, epoch: int, lr: float) -> None:
+        """After a step: refresh the bar's numbers or print a line, if it is time to."""
+        now = time.perf_counter()
+        if self.refresh_seconds <= 0 or now - self._last < self.refresh_seconds:
+            return
+        self._last = now
+        seen = max(progress.seen, 1)
+        loss, acc = float(progress.loss_sum) / seen, int(progress.correct) / seen
+        rate = progress.seen / progress.seconds if progress.seconds > 0 else 0.0
+        if self.bar:
+            bar.set_postfix_str(f"loss {loss:.3f}, acc {acc:.1%}, lr {lr:.2E}, {rate:.0f} img/s", refresh=False)
+        else:
+            left = (total - progress.step) * progress.seconds / max(progress.step, 1)
+            self.log(f"  epoch {epoch} step {progress.step}/{total} ({progress.step / max(total, 1):.0%}): "
+                     f"loss {loss:.3f}, acc {acc:.1%}, lr {lr:.2E}, {rate:.0f} img/s, {_duration(left)} left")
 
 
 @dataclass
@@ -88,14 +131,19 @@ def train_one_epoch(
     scaler: Optional[torch.amp.GradScaler] = None,
     mix: Optional[Callable] = None,
     show_progress: bool = False,
+    display: Optional[ProgressDisplay] = None,
     progress: Optional[EpochProgress] = None,
     after_step: Optional[Callable[[EpochProgress], bool]] = None,
+    on_step: Optional[Callable[[dict], None]] = None,
 ) -> Optional[EpochStats]:
     """Train for one pass over ``loader``; the scheduler steps every batch.
 
+    ``display`` says how to show progress (default: a bar without numbers when ``show_progress``).
     ``progress`` continues an epoch that a checkpoint interrupted (the loader must then start at its
     step). ``after_step(progress)`` runs after every optimizer step; when it returns True the epoch
-    stops there and the function returns None.
+    stops there and the function returns None. ``on_step``, when given, receives every step's
+    ``{"epoch", "step", "lr", "loss"}`` (the learning rate that step used, the loss as a float: this reads
+    the loss back from the device every step, so only loggers that want per-step values should ask).
 
     Raises NonFiniteLossError on the first step whose loss is NaN or infinite, before that step
     touches the weights. (With fp16 the GradScaler may still skip steps whose *gradients* overflow;
@@ -103,6 +151,10 @@ def train_one_epoch(
     """
     model.train()
     progress = progress or EpochProgress()
+    display = display or ProgressDisplay(bar=show_progress, every_seconds=0)
+    display.start()
+    total = progress.step + len(loader)  # the loader of a resumed epoch starts at progress.step
+    lr = optimizer.param_groups[0]["lr"]
     begun = time.perf_counter() - progress.seconds
     progress.loss_sum = torch.as_tensor(progress.loss_sum, dtype=torch.float32, device=precision.device)
     progress.correct = torch.as_tensor(progress.correct, dtype=torch.long, device=precision.device)
@@ -110,7 +162,9 @@ def train_one_epoch(
         # A step the GradScaler skipped (fp16 gradients overflowed) makes torch warn that the scheduler
         # stepped first; the schedule is a function of the step count, so it stays on course.
         warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
-        for step, (images, targets) in enumerate(_progress(loader, f"epoch {epoch}", show_progress), progress.step):
+        bar = display.wrap(loader, f"epoch {epoch}")
+        for step, (images, targets) in enumerate(bar, progress.step):
+            lr = optimizer.param_groups[0]["lr"]  # what this step trains with; the scheduler moves it after
             images, targets = precision.to_device(images, targets)
             loss_targets = targets
             if mix is not None:  # mixup/cutmix: the loss sees soft targets, accuracy the original labels
@@ -137,13 +191,16 @@ def train_one_epoch(
             progress.loss_sum += loss.detach() * n
             progress.correct += (logits.argmax(1) == targets).sum()
             progress.seconds = time.perf_counter() - begun
+            if on_step is not None:
+                on_step({"epoch": epoch, "step": step + 1, "lr": lr, "loss": loss.item()})
+            display.update(bar, progress, total, epoch, lr)
             if after_step is not None and after_step(progress):
                 return None
     if progress.seen == 0:
         raise ExciteError("the training loader produced no batches: is the training set empty?")
     seconds = time.perf_counter() - begun
     return EpochStats(loss=progress.loss_sum.item() / progress.seen, acc=progress.correct.item() / progress.seen,
-                      images=progress.seen, seconds=seconds)
+                      images=progress.seen, seconds=seconds, lr_last=lr)
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
