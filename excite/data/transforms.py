@@ -61,3 +61,18 @@ def batch_mixer(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float 
     if not mixers:
         return None
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+def describe_transform(preset: str, img_size: int, *, hflip: bool = True, augment: str | None = None) -> str:
+    """One line saying what :func:`build_transform` does to training images, e.g. for a run's header."""
+    steps = [f"resize to {img_size}x{img_size}"]
+    if preset == "cifar":
+        steps.append(f"random {img_size}-px crop of the image padded by {CROP_PADDING['cifar']} px")
+    if hflip:
+        steps.append("random horizontal flip")
+    if augment is not None:
+        steps.append(augment)
+    mean, std = NORMALIZATION[preset]
+    shown = lambda values: "(" + ", ".join(f"{v:.3f}" for v in values) + ")"  # noqa: E731
+    return (f"{', '.join(steps)}; normalised with the {preset} mean {shown(mean)} and std {shown(std)} "
+            "(validation: the resize and normalisation only)")

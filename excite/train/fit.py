@@ -26,6 +26,8 @@ import signal
 import sys
 import threading
 import time
+import uuid
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +36,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from excite.data import DataBundle, batch_mixer, build_data, make_loader
+from excite.data import DataBundle, batch_mixer, build_data, format_skipped_lines, make_loader, parse_skipped_lines
 from excite.data.gpu_cache import cached_loaders
 from excite.data.loader import default_workers
+from excite.data.transforms import describe_transform
 from excite.environment import describe, select_device
 from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted
 from excite.io import LockHeld, atomic_write_json, atomic_write_text, exclusive_lock, remove_leftover_temporaries
@@ -45,7 +48,7 @@ from excite.models.weights import load_weights
 from excite.report.metrics import MetricsLogger, format_epoch_line
 from excite.report.plots import plot_curves
 from excite.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, save_weights
-from excite.train.config import TrainConfig
+from excite.train.config import REQUESTED_KEY, TrainConfig
 from excite.train.loop import EpochProgress, EpochStats, Precision, ProgressDisplay, evaluate, train_one_epoch
 from excite.train.optim import build_optimizer, build_scheduler, lr_factor
 
@@ -53,7 +56,12 @@ from excite.train.optim import build_optimizer, build_scheduler, lr_factor
 # 150 MiB; a limit 13x that still fits beside training in a laptop's or a small GPU's memory.
 IMAGE_CACHE_LIMIT = 2 * 2**30
 # Options that may change when a run is resumed; everything else must stay as the run started.
-RESUMABLE_OVERRIDES = ("epochs", "workers", "device", "checkpoint_minutes")
+# The data may have moved (a relative path given from another folder, a copied data set): the split recorded in
+# the checkpoint keeps the run on the same images.
+RESUMABLE_OVERRIDES = ("epochs", "workers", "device", "checkpoint_minutes", "progress_seconds", "save", "data",
+                       "data_root")
+#: The built-in sources, which are names rather than paths.
+NAMED_SOURCES = ("digits", "cifar10", "cifar100")
 # In the run directory: held locked by the process that trains the run.
 LOCK_FILE = ".lock"
 
@@ -152,25 +160,108 @@ def _lock_run_dir(held: ExitStack, run_dir: Path, resume: bool) -> None:
         raise ExciteError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
 
 
+def _resolved(config: TrainConfig, data: DataBundle, use_cache: bool) -> TrainConfig:
+    """``config`` with what "auto" and None resolved to for this data (size, preset, image cache) and the data
+    paths made absolute, so that config.json says what ran and a resume from another folder finds the data."""
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or path in NAMED_SOURCES else str(Path(path).expanduser().resolve())
+    return dataclasses.replace(config, img_size=data.img_size, preset=data.preset, cache_images=use_cache,
+                               data=absolute(config.data), data_root=absolute(config.data_root),
+                               val_dir=absolute(config.val_dir))
+
+
+def _write_config(path: Path, config: TrainConfig, requested: TrainConfig, resume: bool) -> None:
+    """config.json: the resolved options, and under "requested" the values the user gave where they differ
+    (kept from the first session on a resume, whose config is already resolved)."""
+    asked = {key: value for key, value in requested.to_dict().items()
+             if key != "run_id" and value != getattr(config, key)}
+    if resume:
+        try:
+            asked = json.loads(path.read_text()).get(REQUESTED_KEY, {}) or asked
+        except (OSError, ValueError, AttributeError):  # no config.json, or a damaged one: it is rewritten
+            pass
+    atomic_write_json(path, {**config.to_dict(), REQUESTED_KEY: asked})
+
+
+def _check_same_run(run_dir: Path, checkpoint: dict) -> None:
+    """Refuse a last.pt that belongs to another run than the directory's config.json (a copied file)."""
+    try:
+        directory_id = json.loads((run_dir / "config.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):  # no or a damaged config.json: last.pt alone says what the run is
+        return
+    checkpoint_id = checkpoint["config"].get("run_id")
+    if directory_id and checkpoint_id and directory_id != checkpoint_id:
+        raise CheckpointError(f"{run_dir / 'last.pt'} belongs to run {checkpoint_id} ({checkpoint['model_name']}), "
+                              f"but {run_dir} holds run {directory_id}: it was copied from another run directory. "
+                              "Put that file back in its own run directory and resume there")
+
+
+def _read_sessions(path: Path) -> list:
+    """The sessions recorded in environment.json; a missing or damaged file is started again (with a warning)."""
+    if not path.exists():
+        return []
+    try:
+        sessions = json.loads(path.read_text())
+        if isinstance(sessions, list):
+            return sessions
+    except (OSError, ValueError):
+        pass
+    warnings.warn(f"{path} is damaged; it is written again with this session only", stacklevel=3)
+    return []
+
+
+def _explain_schedule(checkpoint: dict, config: TrainConfig, start_epoch: int, steps_per_epoch: int,
+                      log: Callable[[str], None]) -> None:
+    """On a resume, say when there is nothing left to train, and what a changed --epochs does to the schedule."""
+    before = TrainConfig.from_dict(checkpoint["config"])
+    if start_epoch > config.epochs:
+        log(f"The run has already trained its {config.epochs} epochs; give --epochs with a larger number to train "
+            "on")
+    elif before.epochs != config.epochs and config.sched in ("cosine", "onecycle"):
+        step = (start_epoch - 1) * steps_per_epoch
+        was = before.lr * lr_factor(step, steps_per_epoch, before)
+        now = config.lr * lr_factor(step, steps_per_epoch, config)
+        log(f"The {config.sched} schedule now spans {config.epochs} epochs instead of {before.epochs}: epoch "
+            f"{start_epoch} trains at lr {now:.2E} (the {before.epochs}-epoch schedule was at {was:.2E})")
+
+
 def _read_skipped(path: Path) -> dict[str, str]:
-    """The lines of a ``skipped_files.txt`` (``path: reason``) by the path they name; empty if there is none."""
+    """The entries of a ``skipped_files.txt`` (path -> reason); empty if there is none, or (with a warning) if
+    it cannot be read back: a bookkeeping file must not stop a resume."""
     if not path.is_file():
         return {}
-    return {line.split(": ", 1)[0]: line + "\n" for line in path.read_text(encoding="utf-8").splitlines() if line}
+    try:
+        return parse_skipped_lines(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        warnings.warn(f"{path} cannot be read back ({e}); it is written again from this session's list",
+                      stacklevel=2)
+        return {}
 
 
-def _check_input_size(model: torch.nn.Module, config: TrainConfig, img_size: int, device: torch.device) -> None:
-    """Fail before training, with advice, when the model cannot take images of this size."""
+def _check_model_fits_data(model: torch.nn.Module, config: TrainConfig, img_size: int, batch_size: int,
+                           device: torch.device) -> None:
+    """Fail before training, with advice, when the model cannot train on these images at this batch size."""
+    in_chans = config.model_kwargs.get("in_chans", 3)
+    if in_chans != 3:
+        raise ExciteError(f"excite reads every image as RGB (3 channels), so a model built with --model-arg "
+                          f"in_chans={in_chans} cannot train on them; drop that --model-arg")
+    if batch_size == 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ExciteError(f"{config.model} has BatchNorm layers, which cannot train on batches of one image (their "
+                          "statistics need two or more): use --batch-size 2 or more")
     model.eval()
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, img_size, img_size, device=device))
-    except torch.OutOfMemoryError:  # a RuntimeError too, but a smaller batch cannot help with one image
+    except (torch.OutOfMemoryError, MemoryError):  # a smaller batch cannot help with one image
         raise ExciteError(
-            f"out of GPU memory running one {img_size}x{img_size} image through {config.model}; "
-            "use a smaller --img-size or model, or --device cpu"
+            f"out of memory running one {img_size}x{img_size} image through {config.model} on {device}; "
+            "use a smaller --img-size or model"
         ) from None
     except RuntimeError as e:
+        if "allocat" in str(e) or "out of memory" in str(e):  # the CPU allocator's words for the same thing
+            raise ExciteError(
+                f"out of memory running one {img_size}x{img_size} image through {config.model} on {device} "
+                f"({str(e).splitlines()[0]}); use a smaller --img-size or model") from None
         raise ExciteError(
             f"model {config.model} cannot take {img_size}x{img_size} images ({str(e).splitlines()[0]}); "
             "use a larger --img-size, or a *_cifar / densenet_bc_* model for small images"
@@ -212,7 +303,7 @@ class _Run:
     best_epoch: int = 0
     saved_at: str | None = None  # what last.pt holds, for messages: "epoch 3", or "epoch 4, step 120" mid-epoch
     last_save: float = field(default_factory=time.monotonic)  # when last.pt was written, or the session began
-    skipped_before: dict[str, str] = field(default_factory=dict)  # skipped_files.txt lines of earlier sessions
+    skipped_before: dict[str, str] = field(default_factory=dict)  # earlier sessions' skipped files: path -> reason
     skipped_in_run: dict[str, str] = field(default_factory=dict)  # images unreadable since the scan: path -> reason
     metrics: MetricsLogger | None = None  # opened once the run directory is locked
     stop: StopRequest = field(default_factory=StopRequest)
@@ -250,10 +341,9 @@ class _Run:
         the images that became unreadable during this session."""
         scan = self.data.report
         now = {path for path, _ in scan.skipped} | self.skipped_in_run.keys()
-        atomic_write_text(self.run_dir / "skipped_files.txt", scan.format_skipped()
-                          + "".join(line for path, line in self.skipped_before.items() if path not in now)
-                          + "".join(f"{path}: {reason} (unreadable since the scan)\n"
-                                    for path, reason in self.skipped_in_run.items()))
+        atomic_write_text(self.run_dir / "skipped_files.txt", format_skipped_lines(
+            [*scan.skipped, *((path, reason) for path, reason in self.skipped_before.items() if path not in now),
+             *((path, f"{reason} (unreadable since the scan)") for path, reason in self.skipped_in_run.items())]))
 
     def check_finite(self, when: str) -> None:
         """Refuse to go on (and so to checkpoint) once a weight or a BatchNorm statistic is NaN or infinite: a
@@ -335,6 +425,10 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         if locked:
             _lock_run_dir(held, run_dir, resume)
         checkpoint = load_checkpoint(run_dir / "last.pt") if resume else None
+        if checkpoint is not None:
+            _check_same_run(run_dir, checkpoint)
+        else:  # a new run gets a new id, even when its options come from another run's config.json
+            config = dataclasses.replace(config, run_id=uuid.uuid4().hex[:12])
         remove_leftover_temporaries(run_dir)
         if show_progress is None:
             show_progress = sys.stderr.isatty()
@@ -342,8 +436,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
 
         device = select_device(config.device)
         if device.type == "cuda":
-            # Batches keep one shape (fixed image size, drop_last in training), so cuDNN's per-shape choice of
-            # the fastest convolution kernels is made once and pays for the whole run.
+            # Batches keep one shape (fixed image size; only an epoch's last batch may be smaller), so cuDNN's
+            # per-shape choice of the fastest convolution kernels is made once or twice and pays for the whole run.
             torch.backends.cudnn.benchmark = True
         if config.amp == "fp16" and device.type != "cuda":
             raise ExciteError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
@@ -353,18 +447,21 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         data = build_data(
             config.data, img_size=config.img_size, batch_size=config.batch_size, val_split=config.val_split,
             val_dir=config.val_dir, data_root=config.data_root, preset=config.preset, hflip=config.hflip,
-            augment=config.augment, seed=config.seed, strict=config.strict,
+            augment=config.augment, seed=config.seed, strict=config.strict, data_layout=config.data_layout,
+            max_pixels=config.max_pixels,
         )
         if checkpoint is not None and list(checkpoint["classes"]) != list(data.classes):
             raise CheckpointError(f"the classes of {run_dir}/last.pt do not match the data's; resume with the same "
                                   "data")
         workers = config.workers if config.workers >= 0 else default_workers(device)
-        if _use_image_cache(config, data, device):
-            train_loader, val_loader = cached_loaders(data, config.batch_size, device=device, hflip=config.hflip,
+        use_cache = _use_image_cache(config, data, device)
+        requested, config = config, _resolved(config, data, use_cache)
+        if use_cache:
+            train_loader, val_loader = cached_loaders(data, data.batch_size, device=device, hflip=config.hflip,
                                                       channels_last=config.channels_last, seed=config.seed)
         else:
-            train_loader = make_loader(data.train, config.batch_size, train=True, workers=workers, seed=config.seed)
-            val_loader = make_loader(data.val, config.batch_size, train=False, workers=workers, seed=config.seed)
+            train_loader = make_loader(data.train, data.batch_size, train=True, workers=workers, seed=config.seed)
+            val_loader = make_loader(data.val, data.batch_size, train=False, workers=workers, seed=config.seed)
 
         try:
             model = create_model(config.model, num_classes=len(data.classes), **config.model_kwargs)
@@ -376,7 +473,7 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         if config.pretrained and checkpoint is None:
             log(str(load_weights(model, config.pretrained, strict=False)))
         model.to(device)
-        _check_input_size(model, config, data.img_size, device)
+        _check_model_fits_data(model, config, data.img_size, data.batch_size, device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, config)
@@ -393,13 +490,15 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         run_dir.mkdir(parents=True, exist_ok=True)
         if not locked:  # another run may have created the directory meanwhile, and even finished in it
             _lock_run_dir(held, run_dir, resume)
-        atomic_write_json(run_dir / "config.json", config.to_dict())
+        _write_config(run_dir / "config.json", config, requested, resume)
         # One entry per session of the run (the first, then each resume): what produced these results.
         sessions_file = run_dir / "environment.json"
-        sessions = json.loads(sessions_file.read_text()) if resume and sessions_file.exists() else []
+        sessions = _read_sessions(sessions_file) if resume else []
         atomic_write_json(sessions_file, sessions + [describe(device)])
         if data.report.images:
             log(f"Scanned {config.data}: {data.report.summary()}")
+        for note in data.notes:
+            log(note)
         if resume:  # keep listing what earlier sessions skipped, though this scan may no longer see it
             run.skipped_before = _read_skipped(run_dir / "skipped_files.txt")
         if data.report.skipped or run.skipped_before:
@@ -409,6 +508,12 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         run.metrics = MetricsLogger(run_dir, resume_epoch=start_epoch - 1)
         log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
             f"{len(data.classes)} classes, {data.img_size}px, device {device}, run directory {run_dir}")
+        preset_note = f" (--preset auto chose {data.preset})" if requested.preset == "auto" else ""
+        pipeline = describe_transform(data.preset, data.img_size, hflip=config.hflip, augment=config.augment)
+        source = f"batches made on {device} from the image cache" if use_cache else f"{workers or 'no'} loader workers"
+        log(f"Input{preset_note}: {pipeline}; {source}")
+        if checkpoint is not None:
+            _explain_schedule(checkpoint, config, start_epoch, len(train_loader), log)
 
         mix = batch_mixer(len(data.classes), config.mixup, config.cutmix)
         epoch = start_epoch
