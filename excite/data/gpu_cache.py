@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ from safetensors import SafetensorError
 from torchvision.transforms.v2 import functional as TF
 
 from excite.data.folder import cache_dir
-from excite.data.images import ImageFileDataset, decode_image
+from excite.data.images import DEFAULT_MAX_PIXELS, ImageFileDataset, decode_image
+from excite.data.loader import drops_last_batch
 from excite.data.transforms import CROP_PADDING, NORMALIZATION
 from excite.errors import DataError
 from excite.io import atomic_write
@@ -55,12 +57,14 @@ class TensorCache:
     @classmethod
     def from_files(cls, paths: Sequence[str | os.PathLike], labels: Sequence[int], *,
                    size: int | tuple[int, int] | None = None, cache_dir: str | os.PathLike | None = None,
-                   ) -> TensorCache:
-        """Decode ``paths`` (RGB, upright) into one tensor, resized to ``size`` if given.
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> TensorCache:
+        """Decode ``paths`` (RGB, upright, at most ``max_pixels`` each) into one tensor, resized to ``size`` if
+        given.
 
         Without ``size`` every image must already have the same size. With ``cache_dir`` the result is
         stored there as a .safetensors file named by a hash of the file list (paths, sizes and
-        modification times), the labels and ``size``, and loaded from it next time instead of decoding.
+        modification times), the labels and ``size``, and loaded from it next time instead of decoding. A
+        cache folder that cannot be read or written only costs the decoding: it gets a warning.
         """
         if len(paths) != len(labels):
             raise DataError(f"got {len(paths)} image files but {len(labels)} labels: pass one label per file")
@@ -68,12 +72,12 @@ class TensorCache:
             raise DataError("no image files to cache: pass at least one")
         size = (size, size) if isinstance(size, int) else size
         cache_file = Path(cache_dir) / f"{_cache_key(paths, labels, size)}.safetensors" if cache_dir else None
-        if cache_file is not None and cache_file.exists():
+        if cache_file is not None:
             try:
                 return cls.load(cache_file)
-            except (SafetensorError, KeyError, DataError):
-                pass  # unreadable or from elsewhere: decode again and overwrite it
-        images = [decode_image(path) for path in paths]
+            except (OSError, SafetensorError, KeyError, DataError):
+                pass  # not there yet, unreadable or from elsewhere: decode again and overwrite it
+        images = [decode_image(path, max_pixels) for path in paths]
         if size is not None:
             images = [TF.resize(image, list(size), antialias=True) for image in images]
         shapes = {tuple(image.shape[1:]) for image in images}
@@ -82,7 +86,12 @@ class TensorCache:
                             "to resize them to")
         cache = cls(torch.stack(images), torch.tensor(labels))
         if cache_file is not None:
-            cache.save(cache_file)
+            try:
+                cache.save(cache_file)
+            except OSError as error:  # a read-only or full cache folder must not stop training
+                warnings.warn(f"cannot write the image cache into {cache_file.parent} ({error.strerror or error}); "
+                              "going on without it: set EXCITE_CACHE_DIR to a writable folder to keep it",
+                              stacklevel=2)
         return cache
 
     def save(self, path: str | os.PathLike) -> None:
@@ -215,7 +224,8 @@ def tensor_cache(dataset, img_size: int) -> TensorCache:
     at ``img_size`` pixels square (decoded files are cached on disk under ``cache_dir()/tensors``)."""
     if isinstance(dataset, ImageFileDataset):
         paths, labels = zip(*dataset.samples)
-        return TensorCache.from_files(paths, labels, size=img_size, cache_dir=cache_dir() / "tensors")
+        return TensorCache.from_files(paths, labels, size=img_size, cache_dir=cache_dir() / "tensors",
+                                      max_pixels=dataset.max_pixels)
     if isinstance(getattr(dataset, "data", None), np.ndarray):  # torchvision's CIFAR: uint8 (N, H, W, C)
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)
         if images.shape[-2:] != (img_size, img_size):
@@ -229,11 +239,13 @@ def cached_loaders(bundle, batch_size: int, *, device: str | torch.device, hflip
     """Training and validation loaders over a :class:`~excite.data.DataBundle` held on ``device``.
 
     They apply the bundle's preset as its per-image transforms do (padded random crop for "cifar",
-    flips unless ``hflip`` is off, the preset's normalisation), but to whole batches on the device.
+    flips unless ``hflip`` is off, the preset's normalisation), but to whole batches on the device, and
+    keep or leave out the last training batch as :func:`~excite.data.loader.make_loader` does.
     """
     mean, std = NORMALIZATION[bundle.preset]
     common = dict(device=device, mean=mean, std=std, channels_last=channels_last, seed=seed)
-    train = CachedLoader(tensor_cache(bundle.train, bundle.img_size), batch_size, train=True,
-                         pad=CROP_PADDING[bundle.preset], flip=hflip, drop_last=True, **common)
+    images = tensor_cache(bundle.train, bundle.img_size)
+    train = CachedLoader(images, batch_size, train=True, pad=CROP_PADDING[bundle.preset], flip=hflip,
+                         drop_last=drops_last_batch(len(images), batch_size), **common)
     val = CachedLoader(tensor_cache(bundle.val, bundle.img_size), batch_size, train=False, **common)
     return train, val

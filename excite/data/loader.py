@@ -104,12 +104,22 @@ def default_workers(device: torch.device) -> int:
     return min(4, torch.multiprocessing.cpu_count()) if device.type == "cuda" else 0
 
 
+def drops_last_batch(size: int, batch_size: int) -> bool:
+    """Whether training on ``size`` images in batches of ``batch_size`` leaves out each epoch's last batch: only
+    when it would hold a single image, which batch norm cannot train on."""
+    return batch_size > 1 and size % batch_size == 1
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, workers: int = 0, seed: int = 0) -> Loader:
-    """A :class:`Loader` over ``dataset``: shuffled when ``train`` (validation never shuffles)."""
+    """A :class:`Loader` over ``dataset``: shuffled when ``train`` (validation never shuffles).
+
+    Every image is in every epoch, the last batch being smaller when ``batch_size`` does not divide the set,
+    except that training leaves out a last batch of one image (see :func:`drops_last_batch`).
+    """
     sampler = EpochSampler(len(dataset), shuffle=train, seed=seed)
     loader = DataLoader(
         _SeededLoad(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=_collate,
-        drop_last=train,  # a last training batch of one image would break batch norm
+        drop_last=train and drops_last_batch(len(dataset), batch_size),
         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed))  # else DataLoader draws worker seeds from the global one
     return Loader(loader, sampler)

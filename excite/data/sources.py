@@ -31,15 +31,24 @@ def digits_folder() -> Path:
     folder = cache_dir() / "digits"
     if folder.is_dir():
         return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".digits-"))
+    except OSError as error:
+        raise DataError(f"cannot write the digits into {folder.parent} ({error.strerror or error}): set "
+                        "EXCITE_CACHE_DIR to a writable folder") from None
     from sklearn.datasets import load_digits  # imported here: it takes a second and is needed only once
 
     digits = load_digits()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".digits-"))
-    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-        (tmp / str(label)).mkdir(exist_ok=True)
-        image = np.round(pixels * (255 / _DIGITS_MAX_PIXEL)).astype(np.uint8)
-        Image.fromarray(image).save(tmp / str(label) / f"{i:04d}.png")
+    try:
+        for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+            (tmp / str(label)).mkdir(exist_ok=True)
+            image = np.round(pixels * (255 / _DIGITS_MAX_PIXEL)).astype(np.uint8)
+            Image.fromarray(image).save(tmp / str(label) / f"{i:04d}.png")
+    except OSError as error:  # a full disk: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"cannot write the digits into {folder.parent} ({error.strerror or error}): free some "
+                        "space there or set EXCITE_CACHE_DIR to another folder") from None
     try:
         os.rename(tmp, folder)
     except OSError:  # another process renamed its copy into place first
