@@ -14,6 +14,8 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     # The statistics of CIFAR-10's 50,000 training images.
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    # No normalisation: pixels stay in [0, 1], as after a bare ToTensor() (the SE-ResNet-50 tutorial's pipeline).
+    "plain": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 PRESETS = tuple(NORMALIZATION)
 AUGMENTATIONS: dict[str, Callable[[], v2.Transform]] = {
@@ -22,7 +24,7 @@ AUGMENTATIONS: dict[str, Callable[[], v2.Transform]] = {
 }
 
 #: Zero padding of the "cifar" preset's random crop: the standard 4 pixels of a 32-pixel CIFAR image.
-CROP_PADDING = {"cifar": 4, "imagenet": 0}
+CROP_PADDING = {"cifar": 4, "imagenet": 0, "plain": 0}
 
 
 def build_transform(preset: str, img_size: int, *, train: bool, hflip: bool = True,
@@ -74,5 +76,6 @@ def describe_transform(preset: str, img_size: int, *, hflip: bool = True, augmen
         steps.append(augment)
     mean, std = NORMALIZATION[preset]
     shown = lambda values: "(" + ", ".join(f"{v:.3f}" for v in values) + ")"  # noqa: E731
-    return (f"{', '.join(steps)}; normalised with the {preset} mean {shown(mean)} and std {shown(std)} "
-            "(validation: the resize and normalisation only)")
+    normalised = ("not normalised (pixels in [0, 1])" if preset == "plain"
+                  else f"normalised with the {preset} mean {shown(mean)} and std {shown(std)}")
+    return f"{', '.join(steps)}; {normalised} (validation: the resize and normalisation only)"

@@ -23,7 +23,7 @@ CHOICES = {
     "opt": ("sgd", "adam", "adamw"),
     "sched": ("step", "cosine", "onecycle", "constant"),
     "amp": (None, "bf16", "fp16"),
-    "preset": ("auto", "imagenet", "cifar"),
+    "preset": ("auto", "imagenet", "cifar", "plain"),
     "augment": (None, "trivialaugment", "randaugment"),
     "tta": ("none", "flip"),
     # auto: a folder whose top level is train/ plus val/ (or test/), each of class folders, is used as that
