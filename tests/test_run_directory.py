@@ -6,8 +6,10 @@ import shutil
 import pytest
 
 import excite
+import excite.inference
 from excite.cli import main
 from excite.errors import CheckpointError, ExciteError
+from excite.train.checkpoint import load_checkpoint
 from excite.train.fit import resume_config
 
 
@@ -104,3 +106,22 @@ def test_without_a_terminal_training_prints_progress_lines(image_folder, tmp_pat
     excite.fit(tiny_config(image_folder, tmp_path / "off", epochs=1, progress_seconds=0), show_progress=False,
                log=lines.append)
     assert not [line for line in lines if line.startswith("  epoch")]
+
+
+def test_a_resume_after_the_folder_changed_keeps_the_recorded_split(image_folder, tmp_path):
+    # Removing a file (as the skipped-files advice suggests) used to redraw the split on resume: former training
+    # images landed in validation without a word.
+    run = excite.fit(tiny_config(image_folder, tmp_path / "run", epochs=1), log=lambda _: None).run_dir
+    recorded = load_checkpoint(run / "last.pt")["split"]
+    (image_folder / recorded["train"][0]).unlink()
+    (image_folder / "red" / "new.png").write_bytes((image_folder / recorded["train"][1]).read_bytes())
+    lines = []
+    excite.fit(resume_config(run, epochs=2), resume=True, log=lines.append)
+    split = load_checkpoint(run / "last.pt")["split"]
+    assert split["val"] == recorded["val"] and split["train"] == recorded["train"][1:]
+    assert any("1 of its training images" in line and "1 new image" in line for line in lines), lines
+    # eval --split val measures the recorded validation images: the run's own number.
+    result = excite.inference.evaluate_checkpoint(run, str(image_folder), split="val", out=str(tmp_path / "eval"),
+                                                  log=lambda _: None)
+    assert result["images"] == len(recorded["val"])
+    assert result["top1"] == pytest.approx(load_checkpoint(run / "last.pt")["best_acc"])

@@ -329,6 +329,7 @@ class _Run:
             "model_name": self.config.model, "model_kwargs": dict(self.model.model_kwargs),
             "classes": list(self.data.classes), "config": self.config.to_dict(), "img_size": self.data.img_size,
             "preset": self.data.preset, "epoch": epoch, "model": self.model.state_dict(),
+            "split": self.data.split,  # which images train and which validate, by key (see build_data)
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "metrics": self.history, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
@@ -449,6 +450,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
             val_dir=config.val_dir, data_root=config.data_root, preset=config.preset, hflip=config.hflip,
             augment=config.augment, seed=config.seed, strict=config.strict, data_layout=config.data_layout,
             max_pixels=config.max_pixels,
+            # A resumed run keeps the images on the side of the split they were on, whatever the folder now holds.
+            recorded_split=checkpoint.get("split") if checkpoint is not None else None,
         )
         if checkpoint is not None and list(checkpoint["classes"]) != list(data.classes):
             raise CheckpointError(f"the classes of {run_dir}/last.pt do not match the data's; resume with the same "
