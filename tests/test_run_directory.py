@@ -125,3 +125,19 @@ def test_a_resume_after_the_folder_changed_keeps_the_recorded_split(image_folder
                                                   log=lambda _: None)
     assert result["images"] == len(recorded["val"])
     assert result["top1"] == pytest.approx(load_checkpoint(run / "last.pt")["best_acc"])
+
+
+def test_on_a_terminal_the_progress_bar_shows_the_running_numbers():
+    from excite.train.loop import EpochProgress, ProgressDisplay
+
+    class Bar:
+        postfix = None
+
+        def set_postfix_str(self, text, refresh=True):
+            self.postfix = text
+
+    display, bar = ProgressDisplay(bar=True, log=lambda line: pytest.fail(f"printed {line!r}")), Bar()
+    display.refresh_seconds = 0.0  # every step, for the test
+    display.start()
+    display.update(bar, EpochProgress(step=2, seen=16, loss_sum=8.0, correct=12, seconds=0.5), 4, 1, 0.1)
+    assert bar.postfix == "loss 0.500, acc 75.0%, lr 1.00E-01, 32 img/s"

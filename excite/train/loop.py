@@ -86,7 +86,7 @@ class ProgressDisplay:
     def update(self, bar, progress: "EpochProgress", total: int, epoch: int, lr: float) -> None:
         """After a step: refresh the bar's numbers or print a line, if it is time to."""
         now = time.perf_counter()
-        if self.refresh_seconds <= 0 or now - self._last < self.refresh_seconds:
+        if not (self.bar or self.every_seconds > 0) or now - self._last < self.refresh_seconds:
             return
         self._last = now
         seen = max(progress.seen, 1)
