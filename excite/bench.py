@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from excite.bench_options import COMPILE_CHOICES, MODES, add_arguments
 from excite.environment import device_name, select_device, versions
 from excite.errors import ExciteError
 from excite.io import atomic_write_json, atomic_write_text
@@ -50,8 +51,6 @@ from excite.models import DenseNet, create_model
 from excite.nn.dense_fast import make_fast
 from excite.nn.fold import fold_batchnorm
 
-MODES = ("train", "infer")
-COMPILE_CHOICES = ("none", "excite", "all")
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: The same architecture elsewhere: excite name -> {package: name in that package}.
@@ -79,7 +78,11 @@ def _build_peer(package: str, name: str, num_classes: int) -> nn.Module:
 def _candidates(model_name: str, num_classes: int, modes: Sequence[str], peers: bool, fast: bool,
                 compile: str, device: torch.device, memory_format: torch.memory_format) -> list[_Candidate]:
     """Every candidate to measure (see the module docstring), the excite model first, on ``device``."""
-    model = create_model(model_name, num_classes=num_classes).to(device, memory_format=memory_format)
+    try:
+        model = create_model(model_name, num_classes=num_classes)
+    except ValueError as e:  # an unknown name (its message lists the close ones)
+        raise ExciteError(str(e)) from None
+    model = model.to(device, memory_format=memory_format)
     params = sum(p.numel() for p in model.parameters())
 
     def both(m: nn.Module) -> dict[str, nn.Module]:
@@ -228,7 +231,8 @@ def benchmark(
         channels_last: put the models and the batch in channels-last memory format.
         compile: "none"; "excite" adds ``excite+compile``, the excite model under ``torch.compile``;
             "all" also adds a compiled twin of every peer.
-        device: "auto" (CUDA when available), "cpu" or "cuda[:i]".
+        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N" (the grammar of every ``--device``;
+            "mps" is refused: the timing and memory code knows CPU and CUDA).
         warmup: untimed steps per candidate and mode before timing.
         iters, repeats: ``repeats`` interleaved rounds of ``iters`` timed steps per candidate.
         threads: torch intra-op threads (default: every core this process may use).
@@ -330,28 +334,6 @@ def format_report(result: dict) -> str:
     if result["peers_missing"]:
         lines += ["", f"Not installed, so not measured: {', '.join(result['peers_missing'])}."]
     return "\n".join(lines) + "\n"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``excite bench`` options, for the CLI to mount on its sub-command."""
-    parser.add_argument("models", nargs="+", help="registered model names, e.g. densenet121 se_resnet50")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--mode", choices=("train", "infer", "both"), default="both")
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", choices=COMPILE_CHOICES, default="none",
-                        help="also measure the excite model (excite) or every candidate (all) under torch.compile")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
-    parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip torchvision / timm")
-    parser.add_argument("--no-fast", dest="fast", action="store_false",
-                        help="skip excite-fast (buffer dense block, folded BatchNorm)")
-    parser.add_argument("--json", type=Path, help="write the results (a list, one per model) here")
-    parser.add_argument("--markdown", type=Path, help="write the report here")
 
 
 def main_bench(args: argparse.Namespace) -> int:

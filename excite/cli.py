@@ -2,24 +2,27 @@
 
 User mistakes (``ExciteError``) print one line on stderr and exit with status 2; ``--debug`` shows
 the traceback instead.
+
+Only the modules that build the parser are imported here, none of which imports torch: each command
+imports what it runs, so ``excite --version``, ``--help`` and ``models`` start at once.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import fnmatch
+import os
 import sys
 
-import torch
-
 from excite import __version__
-from excite.bench import add_arguments as add_bench_arguments
-from excite.bench import main_bench
-from excite.errors import ExciteError
-from excite.inference import TTA_CHOICES, TTA_HELP, evaluate_checkpoint, predict
-from excite.models import create_model, list_models, summary
+from excite.bench_options import add_arguments as add_bench_arguments
+from excite.errors import ExciteError, UnknownModelError
+from excite.models.names import MODEL_NAMES
 from excite.train.config import CHOICES, DEVICE_HELP, TrainConfig, resolve_config
-from excite.train.fit import fit, resume_config
 from excite.train.recipes import RECIPES
+
+TTA_CHOICES = ("auto", *CHOICES["tta"])  # auto: what the run validated with (excite.inference checks the same)
+TTA_HELP = "test-time augmentation: flip averages each image with its mirror (auto: as the run validated)"
 
 DEMO_CONFIG = dict(
     # A small SE-DenseNet-BC (k=12, 3 blocks of 4 layers) on scikit-learn's 8x8 digits shown at 16 px.
@@ -125,6 +128,8 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from excite.train.fit import fit, resume_config
+
     if args.resume:
         if args.config:
             raise ExciteError("--config cannot be combined with --resume: a resumed run keeps its own config")
@@ -135,36 +140,82 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from excite.train.fit import fit
+
     config = resolve_config(None, **{**DEMO_CONFIG, "out": args.out, "device": args.device})
     result = fit(config)
     print(f"Demo finished: best validation accuracy {result.best_acc:.1%}; see {result.run_dir}/curves.png")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from excite.inference import evaluate_checkpoint
+
     evaluate_checkpoint(args.checkpoint, args.data, out=args.out, batch_size=args.batch_size, device=args.device,
                         split=args.split, data_root=args.data_root, tta=args.tta)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from excite.inference import predict
+
     for path, top in predict(args.checkpoint, args.inputs, topk=args.topk, device=args.device, tta=args.tta):
         print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    print("\n".join(list_models(args.pattern)))
+    # The static list, not the registry: listing names must not import torch (tests keep the two equal).
+    print("\n".join(n for n in MODEL_NAMES if fnmatch.fnmatchcase(n, args.pattern)))
+
+
+def _is_run(target: str) -> bool:
+    """Whether ``excite summary TARGET`` names a run (a directory or checkpoint file) rather than a model: it
+    exists, has a checkpoint's suffix or is a path (model names have no slash)."""
+    return os.path.exists(target) or target.endswith((".pt", ".safetensors")) or os.sep in target or "/" in target
+
+
+def _summary_model(args: argparse.Namespace):
+    """The model ``excite summary`` describes and its default image size: a registered model built from the
+    flags, or the model of a run rebuilt from its checkpoint."""
+    from excite.models import create_model
+
+    if _is_run(args.model):
+        from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+        given = [flag for flag, value in (("--model-arg", args.model_kwargs), ("--num-classes", args.num_classes),
+                                          ("--in-chans", args.in_chans)) if value is not None]
+        if given:
+            raise ExciteError(f"{', '.join(given)} cannot change the model of a run: {args.model} is summarised as "
+                              "it was trained")
+        ckpt = load_checkpoint(args.model)
+        model, _ = model_from_checkpoint(ckpt)
+        return model, ckpt["img_size"]
+    kwargs = dict(args.model_kwargs or [])
+    for key in ("num_classes", "in_chans"):  # only when given: each model has its own default
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    try:
+        return create_model(args.model, **kwargs), 224
+    except UnknownModelError as e:
+        raise ExciteError(str(e)) from None
+    except (TypeError, ValueError) as e:  # an argument the builder does not take, or a value it cannot use
+        raise ExciteError(f"cannot build {args.model} with {kwargs} ({e})") from None
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    model = create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
+    from excite.models import summary
+
+    model, img_size = _summary_model(args)
+    img_size = args.img_size or img_size
     try:
-        table = summary(model, img_size=args.img_size, in_chans=args.in_chans, depth=args.depth)
+        table = summary(model, img_size=img_size, batch_size=args.batch_size, depth=args.depth)
     except RuntimeError as e:  # the input shrinks to nothing before the model's last layer
-        raise ExciteError(f"{args.model} cannot take {args.img_size}x{args.img_size} images "
+        raise ExciteError(f"{model.model_name} cannot take {img_size}x{img_size} images "
                           f"({str(e).splitlines()[0]}); use a larger --img-size") from None
     print(table)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    from excite.bench import main_bench
+
     main_bench(args)
 
 
@@ -215,11 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'se_*'")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("summary", help="layer table: output shapes, parameters and MACs")
-    p.add_argument("model")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--in-chans", type=int, default=3)
+    p = sub.add_parser("summary", help="layer table: output shapes, parameters, MACs and memory estimates")
+    p.add_argument("model", metavar="MODEL_OR_RUN",
+                   help="a model name, or a run directory or checkpoint (.pt, .safetensors) to rebuild its model")
+    p.add_argument("--model-arg", dest="model_kwargs", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="builder override, as for train (repeatable)")
+    p.add_argument("--img-size", type=int, help="side of the square input (default 224, or the run's)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per batch for MACs and memory (default 1)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (default: the model's own)")
+    p.add_argument("--in-chans", type=int, help="input channels (default: the model's own)")
     p.add_argument("--depth", type=int, default=3, help="how deep to list nested layers")
     p.set_defaults(func=cmd_summary)
 
@@ -227,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    # Evaluated only when an exception reaches that clause: torch's error can only be raised once torch is imported.
+    torch = sys.modules.get("torch")
+    return (MemoryError, torch.OutOfMemoryError) if torch is not None else (MemoryError,)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("excite: interrupted", file=sys.stderr)
         return 130
-    except (MemoryError, torch.OutOfMemoryError):  # fit() names the batch size; eval/predict/bench end here
+    except _out_of_memory_errors():  # fit() names the batch size; eval/predict/bench end here
         if args.debug:
             raise
         print("excite: error: out of memory; try a smaller --batch-size or --img-size, or --device cpu",
@@ -252,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         where = f": {e.filename}" if e.filename else ""
-        # Every file excite writes is replaced atomically, so a failed write leaves the previous version.
-        print(f"excite: error: {e.strerror or e}{where}; the files written before are intact (a stopped run "
-              "continues with --resume once this is fixed)", file=sys.stderr)
+        # Every file excite writes is replaced atomically, so a failed write leaves the previous version. Whether a
+        # run can resume is fit's to say (a failed write there is a WriteRefused, above), not this branch's.
+        print(f"excite: error: {e.strerror or e}{where}; the files written before are intact", file=sys.stderr)
         return 2
     return 0
 

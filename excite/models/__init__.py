@@ -1,15 +1,26 @@
-"""Model families, the registry that names them, weight loading and the layer summary."""
-from excite.models import densenet, dpn, resdense, resnet  # noqa: F401  (registers the builders)
-from excite.models._base import ClassifierModel
-from excite.models._registry import create_model, list_models, register_model
-from excite.models.densenet import DenseNet
-from excite.models.dpn import DPN
-from excite.models.resdense import ResDense
-from excite.models.resnet import ResNet
-from excite.models.summary import ModelSummary, summary
-from excite.models.weights import LoadReport, load_weights
+"""Model families, the registry that names them, weight loading and the layer summary.
+
+Imported on first use: ``excite.models.names`` (the registered names, for ``excite models``) loads
+without torch.
+"""
+from excite._lazy import lazy_exports
 
 __all__ = [
     "ClassifierModel", "DPN", "DenseNet", "LoadReport", "ModelSummary", "ResDense", "ResNet", "create_model",
     "list_models", "load_weights", "register_model", "summary",
 ]
+
+lazy_exports(__name__, {
+    "ClassifierModel": "excite.models._base",
+    "DPN": "excite.models.dpn",
+    "DenseNet": "excite.models.densenet",
+    "LoadReport": "excite.models.weights",
+    "ModelSummary": "excite.models.summary",
+    "ResDense": "excite.models.resdense",
+    "ResNet": "excite.models.resnet",
+    "create_model": "excite.models._registry",
+    "list_models": "excite.models._registry",
+    "load_weights": "excite.models.weights",
+    "register_model": "excite.models._registry",
+    "summary": "excite.models.summary",
+})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 from typing import Callable
 
 from torch import nn
@@ -10,6 +11,15 @@ from torch import nn
 from excite.errors import UnknownModelError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+#: The modules whose builders register themselves when imported (on the first look-up, not before: importing the
+#: package stays light).
+_FAMILIES = ("excite.models.densenet", "excite.models.dpn", "excite.models.resdense", "excite.models.resnet")
+
+
+def _builders() -> dict[str, Callable[..., nn.Module]]:
+    for family in _FAMILIES:
+        importlib.import_module(family)
+    return _MODELS
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -23,13 +33,14 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 def list_models(pattern: str = "*") -> list[str]:
     """Sorted names of the registered models that match a shell-style ``pattern``."""
-    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+    return sorted(n for n in _builders() if fnmatch.fnmatchcase(n, pattern))
 
 
 def get_model_builder(name: str) -> Callable[..., nn.Module]:
-    """The builder registered as ``name``; an unknown name raises an error listing close matches."""
+    """The builder registered as ``name``; an unknown name raises :class:`~excite.errors.UnknownModelError` (a
+    ``ValueError``) listing close matches."""
     try:
-        return _MODELS[name]
+        return _builders()[name]
     except KeyError:
         close = difflib.get_close_matches(name, _MODELS, n=5, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "run `excite models` to list them."
