@@ -12,8 +12,12 @@ class ExciteError(Exception):
     exit_code = 2  # the CLI's exit status, as argparse uses for usage errors
 
 
-class UnknownModelError(ExciteError, ValueError):
-    """``create_model`` was given a name that is not registered."""
+class UnknownModelError(ValueError):
+    """``create_model`` was given a name that is not registered.
+
+    A ``ValueError``, not an :class:`ExciteError`, like every other argument the model layer refuses: the
+    callers that take the name from the user (the CLI, ``fit``, checkpoints) turn it into their one line.
+    """
 
 
 class CheckpointError(ExciteError):

@@ -1,11 +1,15 @@
 """Every registered model builds, runs and trains; the families agree with the literature's sizes and costs."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
-from excite.errors import UnknownModelError
+from excite.errors import ExciteError, UnknownModelError
 from excite.models import DPN, DenseNet, ResDense, ResNet, create_model, list_models, summary
+from excite.models._registry import get_model_builder
+from excite.models.names import MODEL_NAMES
 from excite.nn.attention import CBAM, EfficientChannelAttention, SqueezeExcite
 
 
@@ -119,8 +123,57 @@ def test_head_api_and_one_channel_input(family: str):
 
 
 def test_unknown_model_lists_close_matches():
-    with pytest.raises(UnknownModelError, match="densenet121"):
+    with pytest.raises(UnknownModelError, match="densenet121") as info:
         create_model("densenet12")
+    # A ValueError like every other refused argument; the CLI and fit() make it their one-line ExciteError.
+    assert isinstance(info.value, ValueError) and not isinstance(info.value, ExciteError)
+
+
+def test_static_names_are_the_registry():
+    assert MODEL_NAMES == tuple(list_models())
+
+
+# Clearly bad values of every constructor argument, by family. Each must be refused with a one-line ValueError
+# that names the argument (not a KeyError, TypeError or RuntimeError from deep inside the build).
+_COMMON_BAD = {"num_classes": [0, -1, 2.5, "ten"], "in_chans": [0, -3, 1.5], "drop_rate": [-3, 1, 1.5, "x", None],
+               "attn_layer": ["sqeeze", 5]}
+BAD_VALUES = {
+    DenseNet: {**_COMMON_BAD, "growth_rate": [-2, 0, 12.5, "12", True], "block_config": [[0, 2], [], 4, [2, -1], "6"],
+               "num_init_features": [0, -8], "bn_size": [-1, 2.5], "compression": [0, 1.5, -0.5, "half", 1e-6],
+               "stem": ["vit", 3], "attn_placement": ["everywhere", None], "memory_efficient": ["yes", 2],
+               "impl": ["faster", None]},
+    ResNet: {**_COMMON_BAD, "block": ["basik", 3, None], "layers": [[0, 2, 2, 2], [], [2, 2, 2, -1], 2],
+             "widths": [[64, 0, 256, 512], [64, 128], "wide"], "stem": ["vit"]},
+    DPN: {**_COMMON_BAD, "k_sec": [[3, 4, 12], [3, 0, 12, 3], 3], "inc_sec": [[16, 32, 32], [16, -1, 32, 64]],
+          "k_r": [0, 64.5], "groups": [0, 7], "num_init_features": [0], "stem_kernel": [0, 4], "bw_factor": [0, -1]},
+    ResDense: {**_COMMON_BAD, "block_config": [[0, 2], [], [2, 1.5]], "num_init_features": [0],
+               "compression": [0, 1.5, 1e-6], "bottleneck_ratio": [0, 10**6]},
+}
+# Arguments with a fixed set of values: the message lists them.
+CHOICES_LISTED = {"block": "basic, bottleneck", "stem": "imagenet, cifar", "attn_placement": "layer, block, final",
+                  "se_placement": "layer, block, final", "impl": "plain, fast",
+                  "attn_layer": "none, se, se_linear, eca"}
+
+
+@pytest.mark.parametrize("family", BAD_VALUES)
+def test_bad_values_cover_every_constructor_argument(family):
+    assert set(inspect.signature(family).parameters) == set(BAD_VALUES[family])
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_bad_argument_values_are_one_line_value_errors(name: str):
+    with torch.device("meta"):  # the family without building weights
+        family = type(create_model(name))
+    bad = dict(BAD_VALUES[family])
+    if "se_placement" in inspect.signature(get_model_builder(name)).parameters:
+        bad["se_placement"] = ["everywhere", 1]
+    for arg, values in bad.items():
+        for value in values:
+            with torch.device("meta"), pytest.raises(ValueError) as info:
+                create_model(name, **{arg: value})
+            message = str(info.value)
+            assert arg in message and "\n" not in message, f"{arg}={value!r}: {message}"
+            assert CHOICES_LISTED.get(arg, "") in message, f"{arg}={value!r} does not list the choices: {message}"
 
 
 @pytest.mark.parametrize("placement,where", [

@@ -15,12 +15,14 @@ from torch import nn
 
 from excite.models._base import ClassifierModel, init_weights
 from excite.models._registry import register_model
-from excite.nn.attention import AttnSpec, create_attn
+from excite.nn.attention import AttnSpec, create_attn, get_attn
+from excite.nn.checks import check_bool, check_choice, check_float, check_int, check_ints
 from excite.nn.dense import DenseBlock, Transition
 from excite.nn.dense_fast import FastDenseBlock
 
 PLACEMENTS = ("layer", "block", "final")
 BLOCKS = {"plain": DenseBlock, "fast": FastDenseBlock}
+STEMS = ("imagenet", "cifar")
 
 
 def imagenet_stem(in_chans: int, channels: int) -> list[tuple[str, nn.Module]]:
@@ -36,13 +38,18 @@ def imagenet_stem(in_chans: int, channels: int) -> list[tuple[str, nn.Module]]:
 class DenseNet(ClassifierModel):
     """DenseNet / DenseNet-BC for ImageNet-size (``stem="imagenet"``) or 32x32 inputs (``stem="cifar"``).
 
+    Every argument is checked before anything is built: a bad value raises a ValueError naming it.
+
     Args:
         growth_rate: channels each dense layer adds (k).
         block_config: number of layers in each dense block.
         num_init_features: channels out of the stem.
         bn_size: bottleneck width as a multiple of k; 0 for the plain layer without bottleneck.
         compression: fraction of channels a transition keeps (theta; 0.5 in DenseNet-BC).
-        drop_rate: dropout on each layer's new features, as in the paper and torchvision.
+        drop_rate: dropout on each layer's new features, as in the paper and torchvision; in [0, 1).
+        num_classes: outputs of the classifier, at least 1 (``reset_classifier(0)`` removes it).
+        in_chans: channels of the input images.
+        stem: "imagenet" (7x7/2 convolution and max pool) or "cifar" (one 3x3 convolution).
         attn_layer: attention name ("se", "eca", "cbam"...) or layer class; None for plain DenseNet.
         attn_placement: "layer", "block" or "final" (see the module docstring).
         memory_efficient: recompute each bottleneck in backward to save memory (slower).
@@ -69,19 +76,26 @@ class DenseNet(ClassifierModel):
         memory_efficient: bool = False,
         impl: str = "plain",
     ):
-        if attn_placement not in PLACEMENTS:
-            raise ValueError(f"attn_placement must be one of {', '.join(PLACEMENTS)}, got {attn_placement!r}")
-        if impl not in BLOCKS:
-            raise ValueError(f"impl must be one of {', '.join(BLOCKS)}, got {impl!r}")
-        if not 0 < compression <= 1:
-            raise ValueError(f"compression must be in (0, 1], got {compression}")
+        check_int("growth_rate", growth_rate)
+        block_config = check_ints("block_config", block_config)
+        check_int("num_init_features", num_init_features)
+        check_int("bn_size", bn_size, minimum=0)
+        check_float("compression", compression, 0, 1, closed="(]")
+        check_float("drop_rate", drop_rate, 0, 1)
+        check_int("num_classes", num_classes)
+        check_int("in_chans", in_chans)
+        check_choice("stem", stem, STEMS)
+        get_attn(attn_layer)
+        check_choice("attn_placement", attn_placement, PLACEMENTS)
+        check_bool("memory_efficient", memory_efficient)
+        check_choice("impl", impl, BLOCKS)
+        _check_transitions(num_init_features, growth_rate, block_config, compression)
+
         if stem == "imagenet":
             layers = imagenet_stem(in_chans, num_init_features)
-        elif stem == "cifar":
+        else:
             # DenseNet-BC on CIFAR: one 3x3 convolution, no pooling, BN-ReLU comes in the first layer.
             layers = [("conv0", nn.Conv2d(in_chans, num_init_features, kernel_size=3, padding=1, bias=False))]
-        else:
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
 
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
@@ -91,7 +105,7 @@ class DenseNet(ClassifierModel):
             layers.append((f"denseblock{i + 1}", block))
             channels = block.out_channels
             if i != len(block_config) - 1:
-                out = int(math.floor(channels * compression))
+                out = math.floor(channels * compression)
                 layers.append((f"transition{i + 1}", Transition(channels, out)))
                 channels = out
         layers += [("norm5", nn.BatchNorm2d(channels)), ("relu5", nn.ReLU(inplace=True))]
@@ -100,13 +114,22 @@ class DenseNet(ClassifierModel):
 
         super().__init__(num_classes, channels)
         self.features = nn.Sequential(OrderedDict(layers))
-        self.classifier = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = nn.Linear(channels, num_classes)
         self.growth_rate = growth_rate
         self.drop_rate = drop_rate
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+
+def _check_transitions(channels: int, growth_rate: int, block_config: tuple[int, ...], compression: float) -> None:
+    """A ValueError if a transition would keep no channels (a tiny ``compression`` of narrow blocks)."""
+    for i, num_layers in enumerate(block_config[:-1]):
+        channels = math.floor((channels + num_layers * growth_rate) * compression)
+        if channels < 1:
+            raise ValueError(f"compression {compression} leaves no channels after denseblock{i + 1}: use a larger "
+                             "compression, growth_rate or num_init_features")
 
 
 def _densenet(defaults: dict, kwargs: dict) -> DenseNet:
@@ -140,19 +163,24 @@ def densenet264(**kwargs) -> DenseNet:
 
 
 # SE-DenseNet: DenseNet with SE attention, by default on every dense layer's new features.
+def _se_densenet(builder, se_placement: str, kwargs: dict) -> DenseNet:
+    check_choice("se_placement", se_placement, PLACEMENTS)
+    return builder(**{"attn_layer": "se", "attn_placement": se_placement, **kwargs})
+
+
 @register_model
 def se_densenet121(se_placement: str = "layer", **kwargs) -> DenseNet:
-    return densenet121(**{"attn_layer": "se", "attn_placement": se_placement, **kwargs})
+    return _se_densenet(densenet121, se_placement, kwargs)
 
 
 @register_model
 def se_densenet169(se_placement: str = "layer", **kwargs) -> DenseNet:
-    return densenet169(**{"attn_layer": "se", "attn_placement": se_placement, **kwargs})
+    return _se_densenet(densenet169, se_placement, kwargs)
 
 
 @register_model
 def se_densenet201(se_placement: str = "layer", **kwargs) -> DenseNet:
-    return densenet201(**{"attn_layer": "se", "attn_placement": se_placement, **kwargs})
+    return _se_densenet(densenet201, se_placement, kwargs)
 
 
 # CIFAR DenseNet-BC (Huang et al., Table 2): depth L = 6n + 4, three blocks of n layers, 2k stem channels.
@@ -180,4 +208,4 @@ def densenet_bc_190(**kwargs) -> DenseNet:
 
 @register_model
 def se_densenet_bc_100(se_placement: str = "layer", **kwargs) -> DenseNet:
-    return densenet_bc_100(**{"attn_layer": "se", "attn_placement": se_placement, **kwargs})
+    return _se_densenet(densenet_bc_100, se_placement, kwargs)

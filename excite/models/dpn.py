@@ -16,10 +16,13 @@ from torch import nn
 
 from excite.models._base import ClassifierModel, init_weights
 from excite.models._registry import register_model
-from excite.nn.attention import AttnSpec, create_attn
+from excite.nn.attention import AttnSpec, create_attn, get_attn
+from excite.nn.checks import check_float, check_int, check_ints
 
 # The MXNet release that the reference weights come from used BatchNorm eps 1e-3, not PyTorch's 1e-5.
 BN_EPS = 1e-3
+#: The residual path's width of each of the four stages, before ``bw_factor``.
+STAGE_BASES = (64, 128, 256, 512)
 
 
 class BnActConv(nn.Module):
@@ -67,15 +70,19 @@ class DualPathBlock(nn.Module):
 class DPN(ClassifierModel):
     """Dual Path Network.
 
+    Every argument is checked before anything is built: a bad value raises a ValueError naming it.
+
     Args:
         k_sec: number of blocks in each of the four stages.
-        inc_sec: channels each block of a stage adds to the dense path.
+        inc_sec: channels each block of a stage adds to the dense path (four numbers).
         k_r: bottleneck width of the first stage (later stages scale it with the stage width).
-        groups: groups of the 3x3 convolution (the ResNeXt cardinality).
+        groups: groups of the 3x3 convolution (the ResNeXt cardinality); must divide every stage's width.
         num_init_features: channels out of the stem.
-        stem_kernel: stem convolution size (7, or 3 for DPN-68).
+        stem_kernel: stem convolution size, odd (7, or 3 for DPN-68).
         bw_factor: residual widths are 64, 128, 256, 512 times this (4, or 1 for DPN-68).
-        drop_rate: dropout before the classifier, as in timm.
+        num_classes: outputs of the classifier, at least 1 (``reset_classifier(0)`` removes it).
+        in_chans: channels of the input images.
+        drop_rate: dropout before the classifier, as in timm; in [0, 1).
         attn_layer: attention name ("se", "eca", "cbam"...) or layer class, applied in every block.
     """
 
@@ -95,6 +102,21 @@ class DPN(ClassifierModel):
         drop_rate: float = 0.0,
         attn_layer: AttnSpec = None,
     ):
+        k_sec = check_ints("k_sec", k_sec, length=len(STAGE_BASES))
+        inc_sec = check_ints("inc_sec", inc_sec, length=len(STAGE_BASES))
+        check_int("k_r", k_r)
+        check_int("groups", groups)
+        widths = [k_r * base // 64 for base in STAGE_BASES]
+        if any(width % groups for width in widths):
+            raise ValueError(f"groups must divide every stage's bottleneck width {widths} (k_r={k_r}), got {groups}")
+        check_int("num_init_features", num_init_features)
+        if check_int("stem_kernel", stem_kernel) % 2 == 0:
+            raise ValueError(f"stem_kernel must be odd (3 or 7), got {stem_kernel}")
+        check_int("bw_factor", bw_factor)
+        check_int("num_classes", num_classes)
+        check_int("in_chans", in_chans)
+        check_float("drop_rate", drop_rate, 0, 1)
+        get_attn(attn_layer)
         stem = nn.Sequential(OrderedDict([
             ("conv", nn.Conv2d(in_chans, num_init_features, stem_kernel, stride=2, padding=stem_kernel // 2,
                                bias=False)),
@@ -103,7 +125,7 @@ class DPN(ClassifierModel):
         ]))
         blocks = [("conv1_1", stem), ("conv1_pool", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))]
         channels = num_init_features
-        for i, (base, depth, inc) in enumerate(zip((64, 128, 256, 512), k_sec, inc_sec)):
+        for i, (base, depth, inc) in enumerate(zip(STAGE_BASES, k_sec, inc_sec)):
             bw, width = base * bw_factor, k_r * base // 64
             for j in range(depth):
                 stride = 2 if i > 0 and j == 0 else 1
@@ -116,7 +138,7 @@ class DPN(ClassifierModel):
 
         super().__init__(num_classes, channels, head_drop=drop_rate)
         self.features = nn.Sequential(OrderedDict(blocks))
-        self.classifier = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = nn.Linear(channels, num_classes)
 
         init_weights(self, conv_fan="fan_out")
 

@@ -17,7 +17,8 @@ from torch import nn
 from excite.models._base import ClassifierModel, init_weights
 from excite.models._registry import register_model
 from excite.models.densenet import imagenet_stem
-from excite.nn.attention import AttnSpec, create_attn
+from excite.nn.attention import AttnSpec, create_attn, get_attn
+from excite.nn.checks import check_float, check_int, check_ints
 from excite.nn.dense import Transition
 
 
@@ -51,12 +52,16 @@ class ResDenseLayer(nn.Module):
 class ResDense(ClassifierModel):
     """DenseNet with :class:`ResDenseLayer` layers; ``num_layers`` layers multiply a block's width by 2**num_layers.
 
+    Every argument is checked before anything is built: a bad value raises a ValueError naming it.
+
     Args:
         block_config: number of layers in each dense block.
         num_init_features: channels out of the 7x7/2 + max-pool stem.
-        compression: fraction of channels a transition keeps.
-        bottleneck_ratio: each layer's bottleneck is its input width divided by this.
-        drop_rate: dropout on each layer's new features.
+        compression: fraction of channels a transition keeps, in (0, 1].
+        bottleneck_ratio: each layer's bottleneck is its input width divided by this (at least one channel).
+        drop_rate: dropout on each layer's new features, in [0, 1).
+        num_classes: outputs of the classifier, at least 1 (``reset_classifier(0)`` removes it).
+        in_chans: channels of the input images.
         attn_layer: attention name ("se", "eca", "cbam"...) or layer class, on each layer's new features.
     """
 
@@ -73,6 +78,15 @@ class ResDense(ClassifierModel):
         in_chans: int = 3,
         attn_layer: AttnSpec = None,
     ):
+        block_config = check_ints("block_config", block_config)
+        check_int("num_init_features", num_init_features)
+        check_float("compression", compression, 0, 1, closed="(]")
+        check_int("bottleneck_ratio", bottleneck_ratio)
+        _check_bottlenecks(num_init_features, block_config, compression, bottleneck_ratio)
+        check_float("drop_rate", drop_rate, 0, 1)
+        check_int("num_classes", num_classes)
+        check_int("in_chans", in_chans)
+        get_attn(attn_layer)
         layers = imagenet_stem(in_chans, num_init_features)
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
@@ -90,11 +104,20 @@ class ResDense(ClassifierModel):
 
         super().__init__(num_classes, channels)
         self.features = nn.Sequential(OrderedDict(layers))
-        self.classifier = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = nn.Linear(channels, num_classes)
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+
+def _check_bottlenecks(channels: int, block_config: tuple[int, ...], compression: float, ratio: int) -> None:
+    """A ValueError if a block's first layer would have a bottleneck of no channels (``channels // ratio == 0``)."""
+    for i, num_layers in enumerate(block_config):
+        if channels < ratio:
+            raise ValueError(f"bottleneck_ratio {ratio} and compression {compression} leave denseblock{i + 1} "
+                             f"{channels} input channels, too few for a bottleneck of channels // bottleneck_ratio")
+        channels = math.floor(channels * 2 ** num_layers * compression)
 
 
 @register_model

@@ -13,7 +13,8 @@ from torch import nn
 
 from excite.models._base import ClassifierModel, init_weights
 from excite.models._registry import register_model
-from excite.nn.attention import AttnSpec, create_attn
+from excite.nn.attention import AttnSpec, create_attn, get_attn
+from excite.nn.checks import check_choice, check_float, check_int, check_ints
 
 
 class BasicBlock(nn.Module):
@@ -81,17 +82,24 @@ def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module | N
 
 
 Block = Type[Union[BasicBlock, Bottleneck]]
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+STEMS = ("imagenet", "cifar")
 
 
 class ResNet(ClassifierModel):
     """ResNet for ImageNet-size (``stem="imagenet"``: 7x7/2 conv + max pool) or 32x32 inputs
     (``stem="cifar"``: one 3x3 conv).
 
+    Every argument is checked before anything is built: a bad value raises a ValueError naming it.
+
     Args:
-        block: ``BasicBlock`` or ``Bottleneck``.
+        block: ``BasicBlock`` or ``Bottleneck``, or their names "basic" and "bottleneck".
         layers: number of blocks in each stage.
-        widths: planes of each stage; stages after the first halve the resolution.
-        drop_rate: dropout before the classifier.
+        widths: planes of each stage (one per stage); stages after the first halve the resolution.
+        num_classes: outputs of the classifier, at least 1 (``reset_classifier(0)`` removes it).
+        in_chans: channels of the input images.
+        drop_rate: dropout before the classifier, in [0, 1).
+        stem: "imagenet" (7x7/2 convolution and max pool) or "cifar" (one 3x3 convolution).
         attn_layer: attention name ("se", "eca", "cbam"...) or layer class, applied in every block; the
             shortcut is added to its output in place.
     """
@@ -107,20 +115,25 @@ class ResNet(ClassifierModel):
         stem: str = "imagenet",
         attn_layer: AttnSpec = None,
     ):
-        if isinstance(block, str):
-            block = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        if not isinstance(block, type):  # a name; a class is used as it is
+            block = BLOCKS[check_choice("block", block, BLOCKS)]
+        layers = check_ints("layers", layers)
+        widths = check_ints("widths", widths)
         if len(widths) != len(layers):
-            raise ValueError(f"widths {tuple(widths)} must give one width per stage of layers {tuple(layers)}")
+            raise ValueError(f"widths {widths} must give one width per stage of layers {layers}")
+        check_int("num_classes", num_classes)
+        check_int("in_chans", in_chans)
+        check_float("drop_rate", drop_rate, 0, 1)
+        check_choice("stem", stem, STEMS)
+        get_attn(attn_layer)
         num_features = widths[-1] * block.expansion
         super().__init__(num_classes, num_features, head_drop=drop_rate)
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_chans, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        elif stem == "cifar":
+        else:
             self.conv1 = nn.Conv2d(in_chans, widths[0], kernel_size=3, padding=1, bias=False)
             self.maxpool = nn.Identity()
-        else:
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
 
@@ -133,7 +146,7 @@ class ResNet(ClassifierModel):
                 channels = planes * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
         self.num_stages = len(layers)
-        self.fc = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = nn.Linear(num_features, num_classes)
 
         init_weights(self, conv_fan="fan_out")
 

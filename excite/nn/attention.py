@@ -13,7 +13,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from excite.errors import ExciteError
+from excite.nn.checks import check_choice, check_int
 
 
 def reduced_channels(channels: int, reduction: int, min_channels: int) -> int:
@@ -32,8 +32,9 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, min_channels: int = 8, form: str = "conv"):
         super().__init__()
-        if form not in ("conv", "linear"):
-            raise ValueError(f"SqueezeExcite form must be 'conv' or 'linear', got {form!r}")
+        check_choice("form", form, ("conv", "linear"))
+        check_int("reduction", reduction)
+        check_int("min_channels", min_channels)
         hidden = reduced_channels(channels, reduction, min_channels)
         self.form = form
         if form == "conv":
@@ -64,6 +65,8 @@ class EfficientChannelAttention(nn.Module):
         if kernel_size is None:
             k = int(abs((math.log2(channels) + beta) / gamma))
             kernel_size = k if k % 2 else k + 1
+        if check_int("kernel_size", kernel_size) % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (the output keeps the channel count), got {kernel_size}")
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
         self.gate = nn.Sigmoid()
 
@@ -79,6 +82,10 @@ class CBAM(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, min_channels: int = 8, spatial_kernel: int = 7):
         super().__init__()
+        check_int("reduction", reduction)
+        check_int("min_channels", min_channels)
+        if check_int("spatial_kernel", spatial_kernel) % 2 == 0:
+            raise ValueError(f"spatial_kernel must be odd (the output keeps the image size), got {spatial_kernel}")
         hidden = reduced_channels(channels, reduction, min_channels)
         self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=False)
         self.act = nn.ReLU(inplace=True)
@@ -107,17 +114,19 @@ def get_attn(spec: AttnSpec) -> Callable[[int], nn.Module] | None:
     """Resolve an attention spec to a layer factory ``factory(channels) -> nn.Module``.
 
     ``spec`` is a name from :data:`ATTENTION_LAYERS`, ``None``/``"none"`` for no attention, or any
-    callable taking the channel count (a class, or a ``functools.partial`` of one).
+    callable taking the channel count (a class, or a ``functools.partial`` of one). Anything else raises
+    a ValueError listing the names.
     """
     if spec is None or spec in ("", "none"):
         return None
     if isinstance(spec, str):
         if spec not in ATTENTION_LAYERS:
-            raise ExciteError(f"unknown attention {spec!r}: choose one of none, {', '.join(ATTENTION_LAYERS)}")
+            raise ValueError(f"attn_layer must be one of none, {', '.join(ATTENTION_LAYERS)} (or a layer class), "
+                             f"got {spec!r}")
         return ATTENTION_LAYERS[spec]
     if callable(spec):
         return spec
-    raise ExciteError(f"attention must be a name or a layer class, got {type(spec).__name__}")
+    raise ValueError(f"attn_layer must be one of none, {', '.join(ATTENTION_LAYERS)} or a layer class, got {spec!r}")
 
 
 def create_attn(spec: AttnSpec, channels: int) -> nn.Module:
