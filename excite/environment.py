@@ -12,6 +12,7 @@ import torch
 
 from excite import __version__
 from excite.errors import ExciteError
+from excite.train.config import DEVICE_HELP, DEVICE_PATTERN
 
 
 def device_name(device: torch.device) -> str:
@@ -43,22 +44,29 @@ def describe(device: torch.device) -> dict:
 
 
 def select_device(name: str, allow_mps: bool = True) -> torch.device:
-    """The device ``name`` asks for ("auto", "cpu", "cuda", "cuda:1", "mps"), checked to be usable.
+    """The device ``name`` asks for, checked to be usable here.
 
-    ``auto`` picks CUDA, then Apple's MPS (unless ``allow_mps`` is off), then the CPU.
+    ``name`` follows :data:`excite.train.config.DEVICE_PATTERN`, the one grammar of every ``--device``:
+    ``auto`` (CUDA, then Apple's MPS unless ``allow_mps`` is off, then the CPU), ``cpu``, ``mps``, ``cuda``
+    or ``cuda:N``. A caller that cannot use MPS (the benchmark) passes ``allow_mps=False``.
     """
-    mps_ok = allow_mps and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
+        raise ExciteError(f"--device {name!r} is not valid: choose {DEVICE_HELP}")
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    choices = "auto, cpu, cuda[:index]" + (", mps" if allow_mps else "")
-    if device is None or device.type not in ("cpu", "cuda", "mps") or (device.type == "mps" and not allow_mps):
-        raise ExciteError(f"--device {name!r} is not a device here: choose one of {choices}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExciteError(f"--device {name} was asked for but no CUDA GPU is visible; use --device auto or cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok and allow_mps else "cpu")
+    kind, _, index = name.partition(":")
+    device = torch.device(kind, int(index)) if index else torch.device(kind)  # int(): "cuda:01" is cuda:1
+    if device.type == "mps" and not allow_mps:
+        raise ExciteError("--device mps is not supported by this command (CPU and CUDA only); use --device auto, "
+                          "cpu or cuda")
     if device.type == "mps" and not mps_ok:
         raise ExciteError(f"--device {name} was asked for but MPS is not available; use --device auto or cpu")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ExciteError(f"--device {name} was asked for but no CUDA GPU is visible; use --device auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ExciteError(f"--device {name} was asked for but only {count} CUDA GPU(s) are visible "
+                              f"(cuda:0 to cuda:{count - 1})")
     return device

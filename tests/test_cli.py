@@ -3,7 +3,12 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
+from excite import cli
 from excite.cli import main
+from excite.train.config import DEVICE_HELP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +52,51 @@ def test_bench_command_reports_and_writes_json(tmp_path, capsys):
     assert result["results"]["excite"]["train"]["img_per_s"] > 0
 
 
-def test_unknown_device_is_one_line(capsys):
-    assert main(["bench", "resnet20_cifar", "--device", "tpu"]) == 2
+TINY_BENCH = ["--batch-size", "1", "--img-size", "32", "--mode", "infer", "--warmup", "0", "--iters", "2",
+              "--repeats", "1", "--no-peers", "--no-fast"]
+# Every command that takes --device, with the other arguments it needs to get as far as choosing the device.
+DEVICE_COMMANDS = {
+    "train": ["train"],
+    "eval": ["eval", "--checkpoint", "no-such-run", "--data", "no-such-data"],
+    "predict": ["predict", "--checkpoint", "no-such-run", "no-such-image.png"],
+    "bench": ["bench", "resnet20_cifar", *TINY_BENCH],
+}
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+@pytest.mark.parametrize("device", ["tpu", "cpu:0", "cuda:-1", "CUDA"])
+def test_every_command_has_one_device_grammar(command, device, capsys):
+    assert main([*DEVICE_COMMANDS[command], "--device", device]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--device 'tpu' is not a device here: choose one of auto, cpu, cuda[:index]" in err
+    assert err.count("\n") == 1
+    assert f"--device {device!r} is not valid: choose {DEVICE_HELP}" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_index_without_cuda_is_one_line(tmp_path, capsys):
+    assert main(["train", "--device", "cuda:1", "--data", "digits", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda:1 was asked for but no CUDA GPU is visible" in err
+
+
+def test_bench_refuses_mps_as_a_device_it_cannot_time(capsys):
+    assert main(["bench", "resnet20_cifar", *TINY_BENCH, "--device", "mps"]) == 2
+    assert "--device mps is not supported by this command (CPU and CUDA only)" in capsys.readouterr().err
+
+
+def test_bad_model_arg_value_in_train_is_one_line(image_folder, tmp_path, capsys):
+    argv = ["train", "--model", "resnet18", "--model-arg", "block=basik", "--data", str(image_folder),
+            "--out", str(tmp_path / "run"), "--device", "cpu", "--epochs", "1", "--img-size", "16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "block must be one of basic, bottleneck, got 'basik'" in err
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "cmd_models", out_of_memory)
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory; try a smaller --batch-size" in err
