@@ -141,3 +141,13 @@ def test_on_a_terminal_the_progress_bar_shows_the_running_numbers():
     display.start()
     display.update(bar, EpochProgress(step=2, seen=16, loss_sum=8.0, correct=12, seconds=0.5), 4, 1, 0.1)
     assert bar.postfix == "loss 0.500, acc 75.0%, lr 1.00E-01, 32 img/s"
+
+
+def test_a_run_records_its_models_size_and_its_peak_memory(image_folder, tmp_path):
+    run = excite.fit(tiny_config(image_folder, tmp_path / "run", epochs=1), log=lambda _: None).run_dir
+    size = json.loads((run / "model.json").read_text())
+    model = excite.create_model("resnet20_cifar", num_classes=3, widths=[4, 8, 8])
+    assert size["total_params"] == sum(p.numel() for p in model.parameters())
+    assert size["input_shape"] == [1, 3, 32, 32] and size["total_macs"] > 0
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["peak_memory_mib"] > 0

@@ -43,7 +43,7 @@ from excite.data.transforms import describe_transform
 from excite.environment import describe, select_device
 from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted
 from excite.io import LockHeld, atomic_write_json, atomic_write_text, exclusive_lock, remove_leftover_temporaries
-from excite.models import create_model
+from excite.models import create_model, summary
 from excite.models.weights import load_weights
 from excite.report.metrics import MetricsLogger, format_epoch_line
 from excite.report.plots import plot_curves
@@ -64,6 +64,8 @@ RESUMABLE_OVERRIDES = ("epochs", "workers", "device", "checkpoint_minutes", "pro
 NAMED_SOURCES = ("digits", "cifar10", "cifar100")
 # In the run directory: held locked by the process that trains the run.
 LOCK_FILE = ".lock"
+# In the run directory: the model's parameters, MACs and memory estimate (excite.models.summary), one image.
+MODEL_FILE = "model.json"
 
 
 @dataclass
@@ -194,6 +196,20 @@ def _check_same_run(run_dir: Path, checkpoint: dict) -> None:
         raise CheckpointError(f"{run_dir / 'last.pt'} belongs to run {checkpoint_id} ({checkpoint['model_name']}), "
                               f"but {run_dir} holds run {directory_id}: it was copied from another run directory. "
                               "Put that file back in its own run directory and resume there")
+
+
+def _peak_memory_mib(model: torch.nn.Module) -> float:
+    """The most memory the run has held so far: the GPU's allocations on CUDA, else the process's peak resident
+    size (which counts everything the process holds, data included)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def _read_sessions(path: Path) -> list:
@@ -385,7 +401,7 @@ class _Run:
             "lr": self.config.lr * lr_factor((epoch - 1) * self.steps_per_epoch, self.steps_per_epoch, self.config),
             "lr_last": train.lr_last,
             "epoch_seconds": train.seconds + val.seconds, "train_images_per_s": train.images_per_s,
-            "skipped_in_run": len(self.skipped_in_run),
+            "skipped_in_run": len(self.skipped_in_run), "peak_memory_mib": _peak_memory_mib(self.model),
         }
         self.history.append(row)
         self.log(format_epoch_line(epoch, train.acc, train.loss, val.acc, val.loss, row["lr"],
@@ -477,6 +493,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
             log(str(load_weights(model, config.pretrained, strict=False)))
         model.to(device)
         _check_model_fits_data(model, config, data.img_size, data.batch_size, device)
+        # Parameters and MACs of one image, so runs can be compared without building their models again.
+        size = {**summary(model, img_size=data.img_size, device=device).to_dict(), "model_kwargs": model.model_kwargs}
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(model, config)
@@ -494,6 +512,7 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         if not locked:  # another run may have created the directory meanwhile, and even finished in it
             _lock_run_dir(held, run_dir, resume)
         _write_config(run_dir / "config.json", config, requested, resume)
+        atomic_write_json(run_dir / MODEL_FILE, size)
         # One entry per session of the run (the first, then each resume): what produced these results.
         sessions_file = run_dir / "environment.json"
         sessions = _read_sessions(sessions_file) if resume else []
