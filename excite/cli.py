@@ -203,6 +203,9 @@ def _summary_model(args: argparse.Namespace):
 def cmd_summary(args: argparse.Namespace) -> None:
     from excite.models import summary
 
+    for flag, value in (("--img-size", args.img_size), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ExciteError(f"{flag} must be at least 1, got {value}")
     model, img_size = _summary_model(args)
     img_size = args.img_size or img_size
     try:

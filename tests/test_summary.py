@@ -69,6 +69,12 @@ def test_summary_of_a_run_refuses_model_options(run_dir, capsys):
     assert err.count("\n") == 1 and "--num-classes cannot change the model of a run" in err
 
 
+@pytest.mark.parametrize("flag", ["--img-size", "--batch-size"])
+def test_summary_sizes_must_be_positive(flag, capsys):
+    assert main(["summary", "resnet20_cifar", flag, "0"]) == 2
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_summary_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert main(["summary", str(tmp_path / "no-such-run")]) == 2
     err = capsys.readouterr().err
