@@ -24,6 +24,27 @@ class CheckpointError(ExciteError):
     """A checkpoint or weights file is missing, unsafe, corrupt or does not fit the model."""
 
 
+class WriteRefused(ExciteError, OSError):
+    """The system refused to write a file (a full disk, a read-only folder); the file keeps its previous content.
+
+    Raised by :func:`excite.io.atomic_write`, chained from the original error. ``path`` is the file, ``reason``
+    the system's words ("No space left on device"), ``errno`` its error number (None when unknown) and
+    ``hint`` what the caller adds (see :meth:`with_hint`). Also an ``OSError``, for code that catches those.
+    """
+
+    def __init__(self, path, reason: str, errno: int | None = None, hint: str = "", existed: bool = False) -> None:
+        super().__init__(errno, reason, str(path))
+        self.path, self.reason, self.hint, self.existed = path, reason, hint, existed
+
+    def with_hint(self, hint: str) -> "WriteRefused":
+        """The same refusal with ``hint`` appended to the message (e.g. how to resume once it is fixed)."""
+        return WriteRefused(self.path, self.reason, self.errno, hint, self.existed)
+
+    def __str__(self) -> str:
+        kept = "its previous version is intact" if self.existed else "nothing was written to it"
+        return f"{self.reason}: {self.path} could not be written; {kept}" + (f"; {self.hint}" if self.hint else "")
+
+
 class DataError(ExciteError):
     """The data set cannot be used as given."""
 

@@ -1,27 +1,30 @@
 """Safe file I/O: atomic writes (a reader sees the old file or the new one, never half of either), torch
-files read without running code, and a lock that keeps a second process out.
+files read without running code, checksums that tell a damaged file, and a lock that keeps a second process out.
 
 Everything excite writes (checkpoints, weights, metrics, plots, configs) goes through :func:`atomic_write`:
 the data goes to a temporary file in the same directory, is flushed and fsynced, then renamed over the
 target with :func:`os.replace` (atomic on POSIX and Windows when both are on one file system), and the
-directory is fsynced so the rename itself survives a power cut.
+directory is fsynced so the rename itself survives a power cut. The rename replaces a symbolic link at the
+target itself, never the file it points to.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import pickle
 import re
+import stat
 import uuid
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Mapping
 
 import torch
 
-from excite.errors import CheckpointError
+from excite.errors import CheckpointError, WriteRefused
 
 try:
     import fcntl
@@ -30,6 +33,8 @@ except ImportError:  # Windows
 
 
 _TMP_SUFFIX = ".tmp"
+# The names atomic_write gives its temporary files: ".<target>.<8 hex digits>.tmp".
+_TMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 
 
 @contextmanager
@@ -37,7 +42,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file for writing that replaces ``path`` when the ``with`` block ends.
 
     ``mode`` is ``"wb"`` (bytes) or ``"w"`` (UTF-8 text). If the block raises, the temporary file is
-    removed and ``path`` keeps its old content (or stays absent). The parent directory must exist.
+    removed and ``path`` keeps its old content (or stays absent). The parent directory must exist. A write
+    the system refuses (a full disk, a read-only folder), whether it is raised as an ``OSError`` or as
+    another error caused by one (``torch.save`` turns a failed write into a ``RuntimeError``), raises
+    :class:`~excite.errors.WriteRefused` naming ``path``, chained from the original error.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
@@ -45,19 +53,47 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     # A unique hidden name beside the target: same file system (so os.replace is atomic), and two
     # writers of the same path never share a temporary file.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
-    # 0o666 lets the user's umask decide the permissions, as for any file opened with open();
-    # O_BINARY (Windows only) stops the C runtime from translating newlines under Python's file object.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        # 0o666 lets the user's umask decide the permissions, as for any file opened with open();
+        # O_BINARY (Windows only) stops the C runtime from translating newlines under Python's file object.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:
+        raise _refused(path, e) from e
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cause = _os_error_behind(e)
+        if cause is None:
+            raise
+        raise _refused(path, cause) from e
     _fsync_dir(path.parent)
+
+
+def _os_error_behind(error: BaseException) -> OSError | None:
+    """The OSError that ``error`` is or was caused by (torch.save raises a RuntimeError while handling the
+    file's OSError); None for any other error, and for a refusal already reported as WriteRefused."""
+    seen = 0
+    while error is not None and seen < 10:  # a bound, in case a chain loops
+        if isinstance(error, WriteRefused):
+            return None
+        if isinstance(error, OSError):
+            return error
+        if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit, GeneratorExit
+            return None
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def _refused(path: Path, error: OSError) -> WriteRefused:
+    text = str(error).strip()
+    reason = error.strerror or (text.splitlines()[0] if text else type(error).__name__)
+    return WriteRefused(path, reason, error.errno, existed=path.exists())
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -74,12 +110,15 @@ def _fsync_dir(directory: Path) -> None:
 def remove_leftover_temporaries(directory: str | os.PathLike) -> None:
     """Delete the temporary files that writes killed mid-way (``kill -9``, power cut) left in ``directory``.
 
-    Their targets are whole (the old or the new version), so the leftovers are only wasted space.
+    Their targets are whole (the old or the new version), so the leftovers are only wasted space. Only names
+    of the form :func:`atomic_write` gives them (``.<name>.<8 hex digits>.tmp``) are deleted: the directory
+    may be the user's own, with ``*.tmp`` files of theirs.
     """
     directory = Path(directory)
     if directory.is_dir():
         for leftover in directory.glob(f".*{_TMP_SUFFIX}"):
-            leftover.unlink(missing_ok=True)
+            if _TMP_NAME.fullmatch(leftover.name) and not leftover.is_dir():
+                leftover.unlink(missing_ok=True)
 
 
 # Descriptors of the locks this process holds. A forked child (a DataLoader worker) inherits them, and an
@@ -110,33 +149,24 @@ class LockHeld(Exception):
 
 @contextmanager
 def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
+    """Hold an exclusive lock on ``path`` (created if missing, removed on release) for the ``with`` block.
 
     Anyone asking while it is held gets :class:`LockHeld` at once, with the holder's process id, which the
     holder keeps in the file. The lock (``flock``) belongs to the open file, so the OS releases it when the
     holder ends, however it ends: a killed process never leaves a stale lock (processes forked from the
-    holder, such as data loader workers, close their inherited copy). It is advisory: it keeps out only
-    those who ask for it. Where there is no ``fcntl`` (Windows), or the file system cannot lock
-    (some network file systems), nothing is locked; the latter with a warning.
+    holder, such as data loader workers, close their inherited copy); it leaves only the file, which the next
+    holder takes over. It is advisory: it keeps out only those who ask for it. Where there is no ``fcntl``
+    (Windows), or the file system cannot lock (some network file systems), nothing is locked; the latter with
+    a warning. A ``path`` that is a symbolic link, or anything but a plain file of its own (a hard link to
+    another file, a pipe, a device), raises :class:`~excite.errors.CheckpointError` and is left untouched: the
+    directory may come from someone else, and writing the lock through a link would empty the file it names.
     """
     if fcntl is None:
         yield
         return
     path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd, locked = _open_and_lock(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).strip()
-            raise LockHeld(path, int(holder) if holder.isdigit() else None) from None
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            warnings.warn(f"{path.parent} cannot be locked ({e.strerror}): nothing stops a second process from "
-                          "training in it at the same time", stacklevel=3)
-            locked = False
         if not locked:
             yield
             return
@@ -147,11 +177,66 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             _held_lock_fds.discard(fd)
-            # Emptied before release, so the file names a process only while that process holds the lock
-            # (or was killed holding it).
-            os.ftruncate(fd, 0)
+            # Removed while still held, so no file is left behind; whoever opened it meanwhile finds, once they
+            # hold their lock, that the path no longer names their file, and opens the path anew.
+            with suppress(OSError):
+                if os.path.samestat(os.fstat(fd), os.lstat(path)):
+                    os.unlink(path)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _open_and_lock(path: Path) -> tuple[int, bool]:
+    """Open the lock file ``path`` and flock it; returns the descriptor and whether it is locked."""
+    while True:
+        fd = _open_lock_file(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).strip()
+            os.close(fd)
+            raise LockHeld(path, int(holder) if holder.isdigit() else None) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            warnings.warn(f"{path.parent} cannot be locked ({e.strerror}): nothing stops a second process from "
+                          "training in it at the same time", stacklevel=4)
+            return fd, False
+        # The holder before us removes the file before it lets go: if we opened it before the removal, we
+        # hold the lock of a file nobody else will ever open, and must lock the one the path names now.
+        try:
+            current = os.lstat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(fd), current):
+            return fd, True
+        os.close(fd)
+
+
+def _open_lock_file(path: Path) -> int:
+    # O_NOFOLLOW: a symbolic link is refused, not followed; O_NONBLOCK: a pipe does not hang the open.
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK) or path.is_symlink():  # ELOOP on Linux, EMLINK on FreeBSD
+            raise CheckpointError(_not_a_lock_file(path, "a symbolic link")) from None
+        if e.errno == errno.EISDIR:
+            raise CheckpointError(_not_a_lock_file(path, "a directory")) from None
+        raise
+    info = os.fstat(fd)
+    problem = ("not a plain file" if not stat.S_ISREG(info.st_mode)
+               else f"a hard link to a file with {info.st_nlink - 1} other name(s)" if info.st_nlink > 1 else None)
+    if problem is not None:
+        os.close(fd)
+        raise CheckpointError(_not_a_lock_file(path, problem))
+    return fd
+
+
+def _not_a_lock_file(path: Path, what: str) -> str:
+    return (f"{path} is {what}, not the lock file excite creates, so excite will not write to it; check what it "
+            "points to, remove it, and run again")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -163,6 +248,69 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     """Write ``obj`` to ``path`` atomically as indented JSON with a final newline."""
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+CHECKSUM = "checksum"  # the key of the checksum in a checkpoint, and in a weights file's metadata
+
+
+def checksum(obj: Any) -> str:
+    """``"sha256:<hex digits>"`` of ``obj``: every tensor in it (its name, dtype, shape and bytes) and every plain
+    value, through nested dicts, lists and tuples in sorted key order.
+
+    The same for a structure and for its copy read back from a file (on any device), and different once any
+    byte of its tensors or any value changes. It tells damage, not tampering: whoever can change a file can
+    store a new checksum in it.
+    """
+    # sha256 rather than crc32: on a 100 MiB state dict it takes 76 ms against 29 ms (2-core CPU with SHA
+    # instructions), less than a fifth of what torch.save and fsync take for the same bytes (407 ms), and no
+    # damage can go unnoticed by chance.
+    digest = hashlib.sha256()
+    _feed(digest, obj, "")
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _feed(digest: Any, obj: Any, name: str) -> None:
+    if isinstance(obj, torch.Tensor):
+        digest.update(f"{name}\0{obj.dtype}\0{tuple(obj.shape)}\0".encode())
+        # The bytes as they are, in their logical order; uint8 first, as numpy has no bfloat16.
+        digest.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, Mapping):
+        for key, value in sorted(obj.items(), key=lambda item: repr(item[0])):
+            _feed(digest, value, f"{name}/{key!r}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _feed(digest, value, f"{name}/{i}")
+    else:
+        digest.update(f"{name}\0{obj!r}\0".encode())
+
+
+def verify_checksum(obj: Any, stored: Any, path: str | os.PathLike) -> None:
+    """Raise a one-line CheckpointError naming ``path`` unless ``stored`` is :func:`checksum` of ``obj``."""
+    if stored != checksum(obj):
+        raise CheckpointError(f"{path} is damaged: its contents do not match the checksum stored when it was "
+                              "written; use the run's other checkpoint or retrain")
+
+
+def safetensors_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """The :func:`checksum` excite stores under ``CHECKSUM`` in a ``.safetensors`` file's metadata: of its tensors
+    and of its other metadata entries as stored (JSON strings)."""
+    return checksum(_safetensors_contents(tensors, metadata))
+
+
+def verify_safetensors_checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                                path: str | os.PathLike) -> None:
+    """Raise a one-line CheckpointError naming ``path`` when a ``.safetensors`` file's metadata holds a checksum
+    that its contents do not match; a file without one (another tool's, an older excite's) passes."""
+    if CHECKSUM in metadata:
+        try:
+            stored = json.loads(metadata[CHECKSUM])
+        except json.JSONDecodeError:
+            stored = None  # damaged too
+        verify_checksum(_safetensors_contents(tensors, metadata), stored, path)
+
+
+def _safetensors_contents(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict:
+    return {"tensors": tensors, "metadata": {k: v for k, v in metadata.items() if k != CHECKSUM}}
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -191,8 +339,8 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
         if not is_zip:
             raise CheckpointError(_not_torch(path)) from None
         reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load {path} ({reason}): the file is truncated or corrupt; copy it again or "
-                              "use the run's other checkpoint") from None
+        raise CheckpointError(f"cannot load {path} ({reason}): the file is truncated or corrupt (damaged in a copy "
+                              "or on disk); copy it again or use the run's other checkpoint") from None
 
 
 def _not_torch(path: Path) -> str:

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -21,18 +22,33 @@ class MetricsLogger:
 
     Rows are dicts with an ``"epoch"`` key. Each :meth:`append` rewrites both files atomically (they
     are small), so after a crash they hold whole rows only, and the CSV header grows if a later row
-    brings a new column. The logger starts from the rows of an existing ``metrics.jsonl`` with
-    ``epoch <= resume_epoch``: resuming after epoch k then yields the files of an uninterrupted run,
-    and the default 0 starts afresh.
+    brings a new column.
+
+    The logger starts from ``rows`` when given: a resumed run passes its checkpoint's metrics history, the
+    source of truth, and the files are rewritten from it (an existing ``metrics.jsonl`` that is damaged is
+    only warned about). Otherwise it starts from the rows of an existing ``metrics.jsonl`` with
+    ``epoch <= resume_epoch``, skipping, with a warning, lines that are not such rows; the default 0 starts
+    afresh. Either way, resuming after epoch k yields the files of an uninterrupted run.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, resume_epoch: int = 0):
+    def __init__(self, run_dir: str | os.PathLike, resume_epoch: int = 0,
+                 rows: Iterable[dict[str, Any]] | None = None):
         self.run_dir = Path(run_dir)
         self.rows: list[dict[str, Any]] = []
         jsonl = self.run_dir / JSONL_NAME
-        if resume_epoch > 0 and jsonl.exists():
-            rows = (json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines())
-            self.rows = [row for row in rows if row["epoch"] <= resume_epoch]
+        if rows is not None:
+            self.rows = [dict(row) for row in rows]
+            if self.rows and jsonl.is_file():  # only to tell the user, as the file is about to be replaced
+                problem = _read_rows(jsonl)[1]
+                if problem:
+                    warnings.warn(f"{jsonl} is damaged ({problem}); rewriting it from the checkpoint's metrics "
+                                  "history", stacklevel=2)
+        elif resume_epoch > 0 and jsonl.is_file():
+            found, problem = _read_rows(jsonl)
+            if problem:
+                warnings.warn(f"{jsonl} is damaged ({problem}); keeping the {len(found)} rows that can be read",
+                              stacklevel=2)
+            self.rows = [row for row in found if row["epoch"] <= resume_epoch]
         self._write()
 
     def append(self, row: dict[str, Any]) -> None:
@@ -51,6 +67,28 @@ class MetricsLogger:
             writer.writerows(self.rows)
         atomic_write_text(self.run_dir / CSV_NAME, table.getvalue())
         atomic_write_text(self.run_dir / JSONL_NAME, "".join(json.dumps(row) + "\n" for row in self.rows))
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The rows of a ``metrics.jsonl`` that are JSON objects with an integer ``"epoch"``, and what was wrong
+    with the first line that is not (None when every line is a row)."""
+    rows, problem = [], None
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+            what = "is not JSON"
+        else:
+            what = ("is not a JSON object" if not isinstance(row, dict)
+                    else "has no integer 'epoch'" if type(row.get("epoch")) is not int else None)
+        if what is None:
+            rows.append(row)
+        elif problem is None:
+            problem = f"line {number} {what}"
+    return rows, problem
 
 
 def format_epoch_line(epoch: int, train_acc: float, train_loss: float, val_acc: float, val_loss: float,
