@@ -166,3 +166,63 @@ def test_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_weights(create_model("resnet20_cifar"), path)
+
+
+TINY_RESNET = dict(layers=(1, 1, 1), widths=(4, 8, 8), num_classes=3)
+
+
+def _tiny_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return create_model("resnet20_cifar", **TINY_RESNET)
+
+
+def test_weights_of_which_nothing_fits_are_refused_naming_the_model_they_are_for(tmp_path):
+    densenet = create_model("densenet_bc_100", block_config=(1, 1, 1), growth_rate=4, num_classes=3)
+    save_file(densenet.state_dict(), tmp_path / "densenet.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(_tiny_resnet(), tmp_path / "densenet.safetensors", strict=False)
+    message = str(err.value)
+    assert message.startswith(f"nothing in {tmp_path / 'densenet.safetensors'} fits resnet20_cifar outside its "
+                              "classifier (")
+    assert "the file's layout: excite/torchvision/timm, its first keys: classifier.bias, classifier.weight, " in message
+    assert message.endswith("its tensors are named as a DenseNet's: load it into one of those models (densenet121, "
+                            "densenet169, se_densenet121, resdense_j4, or densenet_bc_100 for small images)")
+
+    # A file excite wrote says which model it holds.
+    from excite.train.checkpoint import save_weights
+    save_weights(tmp_path / "best.safetensors", {"model": densenet.state_dict(), "model_name": "densenet_bc_100",
+                                                 "model_kwargs": {}, "classes": ["a", "b", "c"], "img_size": 32,
+                                                 "preset": "cifar"})
+    with pytest.raises(CheckpointError, match=r"it holds the weights of densenet_bc_100: load it into that model "
+                                              r"\(--model densenet_bc_100\)$"):
+        load_weights(_tiny_resnet(), tmp_path / "best.safetensors", strict=False)
+
+
+def test_integer_weights_are_never_loaded_into_float_parameters():
+    source = _tiny_resnet().state_dict()
+    as_int8 = {k: v.to(torch.int8) if v.is_floating_point() else v for k, v in source.items()}
+    with pytest.raises(CheckpointError, match=r"with another shape or type \(conv1.weight torch.int8 vs torch.float32"):
+        load_weights(_tiny_resnet(), as_int8)
+    with pytest.raises(CheckpointError, match="nothing in the given state dict fits resnet20_cifar"):
+        load_weights(_tiny_resnet(), as_int8, strict=False)
+
+    one_int8 = {**source, "conv1.weight": source["conv1.weight"].to(torch.int8)}
+    model = create_model("resnet20_cifar", **TINY_RESNET)
+    before = model.conv1.weight.clone()
+    with pytest.warns(UserWarning, match="not loaded: 1 with another shape or type"):
+        report = load_weights(model, one_int8, strict=False)
+    assert report.mismatched == ["conv1.weight torch.int8 vs torch.float32"]
+    assert torch.equal(model.conv1.weight, before) and torch.equal(model.fc.weight, source["fc.weight"])
+
+
+def test_pretrained_weights_that_load_nothing_stop_the_run(image_folder, tmp_path, capsys):
+    from excite.cli import main
+    torch.save({"features.denseblock1.denselayer1.conv1.weight": torch.zeros(4, 4, 1, 1)}, tmp_path / "other.pt")
+    run = tmp_path / "run"
+    status = main(["train", "--model", "resnet20_cifar", "--model-arg", "widths=[4,8,8]", "--data", str(image_folder),
+                   "--out", str(run), "--epochs", "1", "--batch-size", "8", "--img-size", "16",
+                   "--pretrained", str(tmp_path / "other.pt")])
+    err = capsys.readouterr().err.splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith(f"excite: error: nothing in {tmp_path / 'other.pt'} "
+                                                               "fits resnet20_cifar"), err
+    assert not (run / "last.pt").exists()

@@ -3,10 +3,12 @@
 excite's names follow torchvision (DenseNet, ResNet) and timm (DPN), so most state dicts load as they
 are. The few layouts that differ are recognised from their keys and renamed; 1x1-convolution weights
 and Linear weights are reshaped into each other. Files are read without running any code they hold:
-``.safetensors`` through safetensors, anything else through ``torch.load(weights_only=True)``.
+``.safetensors`` through safetensors, anything else through ``torch.load(weights_only=True)``; the checksum
+of a file excite wrote is verified.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -15,12 +17,11 @@ from pathlib import Path
 from typing import Mapping, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from excite.errors import CheckpointError
-from excite.io import safe_torch_load
+from excite.io import CHECKSUM, safe_torch_load, verify_checksum, verify_safetensors_checksum
 
 StateDict = Mapping[str, torch.Tensor]
 WeightsSource = Union[str, os.PathLike, StateDict]
@@ -38,6 +39,14 @@ _LAYOUTS: list[tuple[str, re.Pattern, list[tuple[str, str]]]] = [
      [(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2.")]),
 ]
 
+# (family, a test for one of its keys in excite's names, some of its models), to say which model a file is for.
+_FAMILIES: list[tuple[str, re.Pattern, str]] = [
+    ("a DenseNet", re.compile(r"^features\.denseblock\d"),
+     "densenet121, densenet169, se_densenet121, resdense_j4, or densenet_bc_100 for small images"),
+    ("a DPN", re.compile(r"^features\.conv1_1\."), "dpn68, dpn92"),
+    ("a ResNet", re.compile(r"^layer1\.0\."), "resnet18, resnet50, se_resnet50, or resnet20_cifar for small images"),
+]
+
 _LAYOUT_NOTES = {
     "timm legacy SENet": "legacy SENet strides in conv1 (not conv2) and pools with ceil_mode, so the model "
                          "computes a different function from the original: fine-tune before use",
@@ -51,7 +60,9 @@ class LoadReport:
     ``loaded``: model keys set from the source. ``skipped_classifier``: source classifier keys not loaded
     because the head has another shape (a different ``num_classes``). ``left_at_init``: attention modules
     the source had no weights for. ``missing`` / ``unexpected`` / ``mismatched``: any other model key the
-    source lacked, source key the model lacks, or key whose shapes differ (these fail a strict load).
+    source lacked, source key the model lacks, or key whose shapes differ or whose values are integers
+    (or booleans) where the model has floating point, or the reverse (these fail a strict load, and are
+    never loaded).
     """
 
     layout: str
@@ -67,7 +78,8 @@ class LoadReport:
     def problems(self) -> str:
         """One line naming the missing, unexpected and mismatched keys; empty when there are none."""
         parts = [f"{len(keys)} {what} ({_few(keys)})" for what, keys in
-                 (("missing", self.missing), ("unexpected", self.unexpected), ("with another shape", self.mismatched))
+                 (("missing", self.missing), ("unexpected", self.unexpected),
+                  ("with another shape or type", self.mismatched))
                  if keys]
         return ", ".join(parts)
 
@@ -92,17 +104,42 @@ def _few(keys: list[str]) -> str:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a weights file without running code from it: a state dict, or an excite checkpoint's ``"model"``."""
-    path = Path(path)
+    """Read a weights file without running code from it: a state dict, or an excite checkpoint's ``"model"``.
+
+    A file excite wrote (a checkpoint, a ``.safetensors`` file with excite's metadata) that does not match the
+    checksum stored in it raises :class:`CheckpointError`.
+    """
+    return _read_weights_file(Path(path))[0]
+
+
+def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The state dict in ``path``, and the name of the model excite stored with it (None in other files)."""
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            return load_file(path, device="cpu")
-        except SafetensorError as e:
-            raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from None
+            with safe_open(path, framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                state = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is not a valid safetensors file ({_first_line(e)})") from None
+        verify_safetensors_checksum(state, metadata, path)
+        try:
+            model_name = json.loads(metadata.get("model_name", "null"))
+        except json.JSONDecodeError:
+            model_name = None
+        return state, model_name if isinstance(model_name, str) else None
     obj = safe_torch_load(path)
-    return _as_state_dict(obj, str(path))
+    is_checkpoint = isinstance(obj, dict) and isinstance(obj.get("model"), Mapping)
+    if is_checkpoint and CHECKSUM in obj:  # an excite checkpoint; older ones have no checksum
+        verify_checksum({key: value for key, value in obj.items() if key != CHECKSUM}, obj[CHECKSUM], path)
+    model_name = obj.get("model_name") if is_checkpoint else None
+    return _as_state_dict(obj, str(path)), model_name if isinstance(model_name, str) else None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _as_state_dict(obj: object, origin: str) -> dict[str, torch.Tensor]:
@@ -137,6 +174,31 @@ def _reshaped(value: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
     return None
 
 
+def _kind(t: torch.Tensor) -> str:
+    return "float" if t.is_floating_point() else "complex" if t.is_complex() else "integer"
+
+
+def _family(keys: list[str]) -> tuple[str, str] | None:
+    """The model family whose names ``keys`` (excite's names) use, and some of its models; None if unknown."""
+    for family, marker, examples in _FAMILIES:
+        if any(marker.search(k) for k in keys):
+            return family, examples
+    return None
+
+
+def _which_model(file_model: str | None, keys: list[str], model_keys: list[str], name: str) -> str:
+    """What to do when nothing in a file fits the model ``name``: the model the file is for, as far as it tells."""
+    if file_model is not None and file_model != name:
+        return f"it holds the weights of {file_model}: load it into that model (--model {file_model})"
+    family, ours = _family(keys), _family(model_keys)
+    if family is not None and family != ours:
+        return f"its tensors are named as {family[0]}'s: load it into one of those models ({family[1]})"
+    if family is not None or file_model is not None:
+        return ("it is for this kind of model, but its tensors have other shapes or types: check the model's options "
+                "(--model-arg) and that the weights are floating point, not quantized")
+    return "check that it holds the weights of an excite, torchvision or timm image classifier"
+
+
 def _attn_module(key: str) -> str | None:
     """The attention module that owns ``key`` (excite names every attention submodule ``attn``), or None."""
     parts = key.split(".")
@@ -151,12 +213,15 @@ def load_weights(model: nn.Module, source: WeightsSource, strict: bool = True) -
     A classifier of another shape (a different ``num_classes``) stays at its initial values, and so do
     attention layers the source has no weights for (DenseNet weights into an SE-DenseNet); both are
     reported and warned about. With ``strict`` any other missing, unexpected or mismatched key raises
-    :class:`CheckpointError`; without it, whatever fits is loaded.
+    :class:`CheckpointError`; without it, whatever fits is loaded. A source of which nothing fits outside the
+    classifier raises :class:`CheckpointError` either way, saying which model it seems to be for: the model
+    would otherwise train on from random weights as if it had been given some.
     """
     if isinstance(source, Mapping):
-        state = _as_state_dict(source, "the given dict")
+        state, file_model, origin = _as_state_dict(source, "the given dict"), None, "the given state dict"
     else:
-        state = read_state_dict(source)
+        (state, file_model), origin = _read_weights_file(Path(source)), str(source)
+    file_keys = list(state)
     layout, state = _to_excite_names(state)
     report = LoadReport(layout=layout, notes=[_LAYOUT_NOTES[layout]] if layout in _LAYOUT_NOTES else [])
 
@@ -176,11 +241,16 @@ def load_weights(model: nn.Module, source: WeightsSource, strict: bool = True) -
                 else:
                     report.mismatched.append(f"{key} {tuple(state[key].shape)} vs {tuple(target[key].shape)}")
                 continue
+        if _kind(value) != _kind(target[key]):  # load_state_dict would convert int8 weights to floats silently
+            report.mismatched.append(f"{key} {value.dtype} vs {target[key].dtype}")
+            continue
         loaded[key] = value
 
     for key in target:
-        # BatchNorm's step counter is bookkeeping that older files lack; it never changes the output.
-        if key in loaded or key.endswith("num_batches_tracked") or (is_head(key) and report.skipped_classifier):
+        # BatchNorm's step counter is bookkeeping that older files lack; it never changes the output. A key the
+        # source has but that was not loaded is already listed as mismatched.
+        if (key in loaded or key in state or key.endswith("num_batches_tracked")
+                or (is_head(key) and report.skipped_classifier)):
             continue
         attn = _attn_module(key)
         if attn is None:
@@ -190,6 +260,10 @@ def load_weights(model: nn.Module, source: WeightsSource, strict: bool = True) -
     report.loaded = list(loaded)
 
     name = getattr(model, "model_name", type(model).__name__)
+    if not any(not is_head(k) and not k.endswith("num_batches_tracked") for k in loaded):
+        raise CheckpointError(f"nothing in {origin} fits {name} outside its classifier "
+                              f"({report.problems or 'no tensor to load'}; the file's layout: {layout}, its first "
+                              f"keys: {_few(file_keys)}): {_which_model(file_model, list(state), list(target), name)}")
     if strict and report.problems:
         raise CheckpointError(f"weights do not fit {name}: {report.problems}; check the model name and its "
                               f"options, or pass strict=False to load what fits")
