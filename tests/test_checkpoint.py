@@ -1,10 +1,14 @@
 """Atomic writes, checkpoints (round trip, hostile and broken files) and safetensors weights."""
 import errno
+import json
 import multiprocessing
 import os
 import pickle
 import random
+import re
+import struct
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,8 @@ import torch
 
 from excite.errors import CheckpointError
 from excite.io import LockHeld, atomic_write, atomic_write_json, atomic_write_text, exclusive_lock
-from excite.models import create_model
+from excite.models import create_model, load_weights
+from excite.models.weights import read_state_dict
 from excite.train.checkpoint import (
     capture_rng_state,
     export_safetensors,
@@ -22,8 +27,10 @@ from excite.train.checkpoint import (
     model_from_checkpoint,
     read_weights,
     restore_rng_state,
+    restore_state,
     save_checkpoint,
     save_weights,
+    validate_checkpoint,
 )
 
 TINY = dict(layers=(1, 1, 1), widths=(4, 8, 8), num_classes=3)
@@ -44,10 +51,11 @@ def trained_state(model: torch.nn.Module) -> dict:
         scheduler.step()
     return {
         "model_name": model.model_name, "model_kwargs": model.model_kwargs, "classes": ["cat", "dog", "fox"],
+        "img_size": 8, "preset": "cifar",
         "config": {"lr": 0.01, "epochs": 10}, "epoch": 2, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": None,
         "rng": capture_rng_state(), "metrics": [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.75}],
-        "best_acc": 0.75,
+        "best_acc": 0.75, "best_epoch": 2, "partial": None,
     }, optimizer
 
 
@@ -250,7 +258,6 @@ def test_model_from_checkpoint_reports_unknown_model_and_shape_mismatch():
 def test_safetensors_weights_round_trip_with_metadata(tmp_path):
     model = tiny_model()
     state, _ = trained_state(model)
-    state["img_size"] = 8
     save_weights(tmp_path / "best.safetensors", state)
     weights = read_weights(tmp_path / "best.safetensors")
     assert weights["model_name"] == "resnet20_cifar"
@@ -279,3 +286,140 @@ def test_read_weights_refuses_foreign_and_broken_files(tmp_path):
                           ("missing", "does not exist")]:
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(tmp_path / f"{name}.safetensors")
+
+
+# ------------------------------------------------------------------------------------------- checksums
+
+DAMAGED = "is damaged: its contents do not match the checksum stored when it was written"
+
+
+def flip_bytes_in_torch_file(path: Path) -> None:
+    """Invert 64 bytes in the middle of the largest tensor record of a torch.save zip (stored uncompressed), as
+    a bad disk or copy would: the container still opens, and torch.load does not check the records' CRCs."""
+    with zipfile.ZipFile(path) as archive:
+        record = max((info for info in archive.infolist() if re.search(r"/data/\d+$", info.filename)),
+                     key=lambda info: info.file_size)
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        start = record.header_offset + 30 + name_length + extra_length + record.file_size // 2 - 32
+        f.seek(start)
+        data = f.read(64)
+        f.seek(start)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def flip_bytes_in_safetensors(path: Path) -> None:
+    """Invert 16 bytes in the middle of a .safetensors file's tensor data (after its JSON header)."""
+    raw = bytearray(path.read_bytes())
+    data_start = 8 + struct.unpack("<Q", raw[:8])[0]
+    middle = (data_start + len(raw)) // 2
+    raw[middle:middle + 16] = bytes(b ^ 0xFF for b in raw[middle:middle + 16])
+    path.write_bytes(bytes(raw))
+
+
+def test_a_checkpoint_with_flipped_bytes_is_refused_as_damaged(tmp_path):
+    state, _ = trained_state(tiny_model())
+    save_checkpoint(tmp_path / "best.pt", state)
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2  # whole: loads, with no checksum entry left
+    flip_bytes_in_torch_file(tmp_path / "best.pt")
+    torch.load(tmp_path / "best.pt", weights_only=True)  # torch itself notices nothing
+    for read in (load_checkpoint, read_state_dict, lambda path: load_weights(tiny_model(), path)):
+        with pytest.raises(CheckpointError) as err:
+            read(tmp_path / "best.pt")
+        assert str(err.value).startswith(f"{tmp_path / 'best.pt'} {DAMAGED}") and "\n" not in str(err.value)
+
+
+def test_a_weights_file_with_flipped_bytes_is_refused_as_damaged(tmp_path):
+    state, _ = trained_state(tiny_model())
+    save_weights(tmp_path / "best.safetensors", state)
+    flip_bytes_in_safetensors(tmp_path / "best.safetensors")
+    safetensors.torch.load_file(tmp_path / "best.safetensors")  # the file itself still reads
+    for read in (load_checkpoint, read_state_dict):
+        with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'best.safetensors'} {DAMAGED}")):
+            read(tmp_path / "best.safetensors")
+
+
+def test_a_changed_value_outside_the_tensors_is_damage_too(tmp_path):
+    state, _ = trained_state(tiny_model())
+    save_checkpoint(tmp_path / "last.pt", state)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    torch.save({**ckpt, "epoch": 9}, tmp_path / "last.pt")  # the checksum of epoch 2 kept
+    with pytest.raises(CheckpointError, match=DAMAGED):
+        load_checkpoint(tmp_path / "last.pt")
+
+
+def test_files_without_a_checksum_still_load(tmp_path):
+    # What older excite versions wrote: the same layouts, no checksum.
+    state, _ = trained_state(tiny_model())
+    torch.save({**state, "format": "excite-checkpoint", "version": 1}, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["epoch"] == 2
+    metadata = {key: json.dumps(state[key]) for key in ("model_name", "model_kwargs", "classes", "img_size", "preset")}
+    safetensors.torch.save_file(state["model"], tmp_path / "old.safetensors", metadata=metadata)
+    assert read_weights(tmp_path / "old.safetensors")["classes"] == ["cat", "dog", "fox"]
+
+
+# ---------------------------------------------------------------------------------- checkpoint structure
+
+BROKEN_ENTRIES = {
+    # name: (change to the saved state, what the one-line error says)
+    "img_size a string": (lambda s: s.update(img_size="224"), "its 'img_size' is '224' (str), where excite expects"),
+    "img_size too small": (lambda s: s.update(img_size=2), "its 'img_size' is 2 (int)"),
+    "no model_kwargs": (lambda s: s.pop("model_kwargs"), "has no 'model_kwargs' entry"),
+    "no metrics": (lambda s: s.pop("metrics"), "has no 'metrics' entry"),
+    "metrics without epochs": (lambda s: s.update(metrics=[{"val_acc": 0.5}]), "its 'metrics' is"),
+    "unknown preset": (lambda s: s.update(preset="imagenet21k"), "where excite expects one of imagenet, cifar"),
+    "classes a string": (lambda s: s.update(classes="cat"), "its 'classes' is 'cat' (str)"),
+    "epoch a string": (lambda s: s.update(epoch="2"), "its 'epoch' is '2' (str)"),
+    "best_acc missing": (lambda s: s.pop("best_acc"), "has no 'best_acc' entry"),
+    "model not tensors": (lambda s: s.update(model={"fc.weight": [1.0, 2.0]}), "its 'model' is"),
+    "optimizer not a dict": (lambda s: s.update(optimizer=None), "its 'optimizer' is None"),
+    "partial without a step": (lambda s: s.update(partial={"epoch": 3}), "its 'partial' is"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_ENTRIES)
+def test_a_checkpoint_missing_or_mistyping_an_entry_is_one_line_naming_it(name, tmp_path):
+    change, expected = BROKEN_ENTRIES[name]
+    state, _ = trained_state(tiny_model())
+    change(state)
+    save_checkpoint(tmp_path / "last.pt", state)  # a fresh checksum: only the structure is wrong
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "last.pt")
+    message = str(err.value)
+    assert message.startswith(str(tmp_path / "last.pt")) and expected in message and "\n" not in message, message
+
+
+def test_weights_files_are_checked_as_well(tmp_path):
+    state, _ = trained_state(tiny_model())
+    export_safetensors(state["model"], tmp_path / "w.safetensors",
+                       {"model_name": "resnet20_cifar", "model_kwargs": TINY, "classes": ["a", "b", "c"],
+                        "img_size": "large", "preset": "cifar"})
+    with pytest.raises(CheckpointError, match=r"w.safetensors is not a usable checkpoint: its 'img_size' is 'large'"):
+        load_checkpoint(tmp_path / "w.safetensors")
+    assert validate_checkpoint({**state, "format": "excite-checkpoint"}, "x.pt")["epoch"] == 2
+
+
+def test_a_class_list_shorter_than_the_outputs_is_refused_before_predicting(tmp_path):
+    state, _ = trained_state(tiny_model())
+    state["classes"] = ["cat", "dog"]
+    save_checkpoint(tmp_path / "best.pt", state)
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'best.pt'} names 2 classes but its model has "
+                                                        "3 outputs")):
+        model_from_checkpoint(load_checkpoint(tmp_path / "best.pt"), tmp_path / "best.pt")
+
+
+def test_restore_state_turns_states_that_do_not_fit_into_one_line(tmp_path):
+    model = tiny_model()
+    state, optimizer = trained_state(model)
+    restore_state(optimizer, state["optimizer"], "optimizer", "run/last.pt")  # one that fits
+    two_groups = torch.optim.AdamW([{"params": [model.fc.weight]}, {"params": [model.fc.bias]}])
+    with pytest.raises(CheckpointError, match=r"^the optimizer state in run/last.pt does not fit this run \(loaded "
+                                              r"state dict has a different number of parameter groups\)"):
+        restore_state(two_groups, state["optimizer"], "optimizer", "run/last.pt")
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 5)
+    with pytest.raises(CheckpointError, match="the scheduler state in run/last.pt does not fit"):
+        restore_state(scheduler, [1, 2], "scheduler", "run/last.pt")
+    five_classes = create_model("resnet20_cifar", **{**TINY, "num_classes": 5})
+    with pytest.raises(CheckpointError, match=r"resuming from run/last.pt\): tensors 2 of another shape"):
+        restore_state(five_classes, state["model"], "model", "run/last.pt")

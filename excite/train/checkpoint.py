@@ -18,11 +18,16 @@ trainer saves this layout (``save_checkpoint`` adds ``format`` and ``version``):
         "rng": capture_rng_state(),
         "metrics": list[dict],                     # the metrics history, one row per epoch
         "best_acc": float, "best_epoch": int,      # the best validation accuracy so far and its epoch
+        "partial": dict | None,                    # where inside the next epoch a mid-epoch checkpoint stopped
+        "checksum": str,                           # excite.io.checksum of everything else, added on saving
     }
 
 A run directory holds ``last.pt`` (written after every epoch) and ``best.pt`` (the epoch with the
 best validation accuracy). A weights file (``.safetensors``) keeps only ``model`` and puts the
-entries of ``WEIGHTS_METADATA`` in its metadata as JSON, so it rebuilds the model on its own.
+entries of ``WEIGHTS_METADATA`` and a ``checksum`` of the tensors and metadata in its metadata as JSON, so it
+rebuilds the model on its own. Loading verifies the checksum (files without one, from older excite versions,
+load unchecked) and :func:`validate_checkpoint` checks every entry that rebuilding the model, eval, predict and
+resuming read.
 """
 from __future__ import annotations
 
@@ -39,8 +44,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from excite.data.transforms import PRESETS
 from excite.errors import CheckpointError, UnknownModelError
-from excite.io import atomic_write, safe_torch_load
+from excite.io import (
+    CHECKSUM,
+    atomic_write,
+    checksum,
+    safe_torch_load,
+    safetensors_checksum,
+    verify_checksum,
+    verify_safetensors_checksum,
+)
 from excite.models import create_model
 
 FORMAT = "excite-checkpoint"
@@ -89,13 +103,15 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """Write ``state`` (the layout in the module docstring) to ``path`` atomically, adding
-    ``format`` and ``version``.
+    ``format``, ``version`` and ``checksum``.
 
     Raises ``TypeError`` naming the first value that could not be loaded back with weights_only
-    (convert a config dataclass with ``dataclasses.asdict`` first).
+    (convert a config dataclass with ``dataclasses.asdict`` first), and
+    :class:`~excite.errors.WriteRefused` when the system refuses the write.
     """
-    state = {**state, "format": FORMAT, "version": VERSION}
+    state = {**{key: value for key, value in state.items() if key != CHECKSUM}, "format": FORMAT, "version": VERSION}
     _check_plain(state, "state")
+    state[CHECKSUM] = checksum(state)
     with atomic_write(path) as f:
         torch.save(state, f)
 
@@ -120,7 +136,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
     ``path`` is a ``.pt`` file written by :func:`save_checkpoint`, a run directory (its ``last.pt``
     is loaded) or a ``.safetensors`` weights file (see :func:`read_weights`). A missing, truncated,
-    foreign or unsafe file raises :class:`~excite.errors.CheckpointError`.
+    foreign, unsafe or damaged file (its checksum does not match), or one that lacks an entry of the
+    layout (:func:`validate_checkpoint`), raises :class:`~excite.errors.CheckpointError`. The returned
+    dict has no ``checksum``.
     """
     path = Path(path)
     if path.is_dir():
@@ -134,7 +152,82 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{path} is checkpoint version {ckpt.get('version')!r}, this excite reads version "
                               f"{VERSION}: use the excite version that wrote it")
+    if CHECKSUM in ckpt:  # older excite versions wrote none
+        stored = ckpt.pop(CHECKSUM)
+        verify_checksum(ckpt, stored, path)
+    return validate_checkpoint(ckpt, path)
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not bool, which isinstance counts as an int
+
+
+def _is_metrics(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(row, dict) and _is_int(row.get("epoch")) for row in value)
+
+
+def _is_partial(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and _is_int(value.get("epoch"))
+                             and isinstance(value.get("progress"), dict) and _is_int(value["progress"].get("step"))
+                             and isinstance(value.get("rng"), dict))
+
+
+# (key, test, what it must be) for each entry that rebuilding the model and preparing its inputs read...
+_WEIGHTS_FIELDS = (
+    ("model_name", lambda v: isinstance(v, str) and v != "", "a model name"),
+    ("model_kwargs", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+     "a dict of builder arguments"),
+    ("classes", lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(c, str) for c in v),
+     "a list of class names"),
+    ("img_size", lambda v: _is_int(v) and v >= 8, "an image size of at least 8"),
+    ("preset", lambda v: isinstance(v, str) and v in PRESETS, f"one of {', '.join(PRESETS)}"),
+    ("model", lambda v: isinstance(v, dict) and len(v) > 0
+     and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()), "a state dict of tensors"),
+)
+_CONFIG = ("config", lambda v: isinstance(v, dict), "a dict of the run's options")
+_EPOCH = ("epoch", lambda v: _is_int(v) and v >= 0, "an epoch number")
+# ...that resuming reads besides, from a training checkpoint...
+_TRAINING_FIELDS = (
+    _CONFIG,
+    _EPOCH,
+    ("metrics", _is_metrics, "a list of one row (a dict with an epoch number) per epoch"),
+    ("best_acc", lambda v: type(v) in (int, float), "a number"),
+    ("best_epoch", lambda v: _is_int(v) and v >= 0, "an epoch number"),
+    ("optimizer", lambda v: isinstance(v, dict), "an optimizer state dict"),
+    ("scheduler", lambda v: isinstance(v, dict), "a scheduler state dict"),
+)
+# ...and that are checked where present (older files lack them).
+_OPTIONAL_FIELDS = (
+    _CONFIG,
+    _EPOCH,
+    ("scaler", lambda v: v is None or isinstance(v, dict), "None or a GradScaler state dict"),
+    ("partial", _is_partial, "None or where in an epoch the checkpoint stopped"),
+)
+
+
+def validate_checkpoint(ckpt: dict, path: str | os.PathLike) -> dict:
+    """Check that ``ckpt`` has each entry, of the right type, that rebuilding the model, eval and predict read,
+    and for a training checkpoint (``format`` set) those that resuming reads; return ``ckpt``.
+
+    The first problem raises one :class:`~excite.errors.CheckpointError` line naming ``path``, instead of a
+    traceback wherever the value would first be used. Whether the weights fit the model is checked when it is
+    built (:func:`model_from_checkpoint`, :func:`restore_state`).
+    """
+    required = _WEIGHTS_FIELDS + (_TRAINING_FIELDS if ckpt.get("format") == FORMAT else ())
+    optional = tuple(field for field in _OPTIONAL_FIELDS if field[0] in ckpt and field not in required)
+    for key, is_valid, expected in required + optional:
+        if key not in ckpt:
+            raise CheckpointError(f"{path} has no {key!r} entry ({expected}): it was written by another excite "
+                                  "version or edited; use the run's other checkpoint or retrain")
+        if not is_valid(ckpt[key]):
+            raise CheckpointError(f"{path} is not a usable checkpoint: its {key!r} is {_describe(ckpt[key])}, "
+                                  f"where excite expects {expected}; use the run's other checkpoint or retrain")
     return ckpt
+
+
+def _describe(value: Any) -> str:
+    shown = repr(value)
+    return f"{shown if len(shown) <= 40 else shown[:37] + '...'} ({type(value).__name__})"
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -144,14 +237,16 @@ def _first_sentence(error: BaseException) -> str:
 
 def export_safetensors(model_state: Mapping[str, torch.Tensor], path: str | os.PathLike,
                        metadata: Mapping[str, Any] | None = None) -> None:
-    """Write tensors to a ``.safetensors`` file atomically, with ``metadata`` values stored as JSON.
+    """Write tensors to a ``.safetensors`` file atomically, with ``metadata`` values stored as JSON and a
+    ``checksum`` of both added to the metadata (see :func:`excite.io.safetensors_checksum`).
 
     Every tensor is copied to its own contiguous CPU memory first: safetensors refuses tensors that
     share storage (tied weights) or are non-contiguous views.
     """
     tensors = {name: t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
                for name, t in model_state.items()}
-    encoded = {key: json.dumps(value) for key, value in (metadata or {}).items()}
+    encoded = {key: json.dumps(value) for key, value in (metadata or {}).items() if key != CHECKSUM}
+    encoded[CHECKSUM] = json.dumps(safetensors_checksum(tensors, encoded))
     data = safetensors.torch.save(tensors, metadata=encoded)
     with atomic_write(path) as f:
         f.write(data)
@@ -160,17 +255,21 @@ def export_safetensors(model_state: Mapping[str, torch.Tensor], path: str | os.P
 def save_weights(path: str | os.PathLike, ckpt: Mapping[str, Any]) -> None:
     """Write a checkpoint's model weights to a ``.safetensors`` file that rebuilds the model on its own.
 
-    ``ckpt`` needs ``model`` (the state dict), ``model_name``, ``model_kwargs`` and ``classes``; those
-    and the other entries of ``WEIGHTS_METADATA`` it has go into the file's metadata.
+    ``ckpt`` needs ``model`` (the state dict), ``model_name``, ``model_kwargs``, ``classes``, ``img_size``
+    and ``preset``; those and the other entries of ``WEIGHTS_METADATA`` it has go into the file's metadata.
     """
+    missing = [key for key, _, _ in _WEIGHTS_FIELDS if key not in ckpt]
+    if missing:
+        raise KeyError(f"save_weights needs the checkpoint's {', '.join(missing)}")
     export_safetensors(ckpt["model"], path, {key: ckpt[key] for key in WEIGHTS_METADATA if key in ckpt})
 
 
 def read_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
-    """Read a weights file from :func:`save_weights` or :func:`export_safetensors` as a dict of its
-    metadata plus ``"model"`` (the state dict), which :func:`model_from_checkpoint` accepts.
+    """Read a weights file from :func:`save_weights` as a dict of its metadata plus ``"model"`` (the state
+    dict), which :func:`model_from_checkpoint` accepts.
 
-    JSON turns tuples in ``model_kwargs`` into lists; the models take either.
+    Its checksum is verified (:func:`~excite.io.verify_safetensors_checksum`) and its entries checked
+    (:func:`validate_checkpoint`). JSON turns tuples in ``model_kwargs`` into lists; the models take either.
     """
     path = Path(path)
     if not path.is_file():
@@ -182,19 +281,25 @@ def read_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {path} ({_first_sentence(e)}): it is not a complete .safetensors "
                               "file") from None
+    verify_safetensors_checksum(state, metadata, path)
     try:
-        weights = {key: json.loads(value) for key, value in metadata.items()}
+        weights = {key: json.loads(value) for key, value in metadata.items() if key != CHECKSUM}
     except json.JSONDecodeError:
         weights = {}
     if "model_name" not in weights:
         raise CheckpointError(f"{path} has no excite metadata (model_name), so the model cannot be rebuilt from it: "
                               "pass a weights file written by excite")
-    return {**weights, "model": state}
+    return validate_checkpoint({**weights, "model": state}, path)
 
 
-def model_from_checkpoint(ckpt: Mapping[str, Any]) -> tuple[nn.Module, list[str]]:
+def model_from_checkpoint(ckpt: Mapping[str, Any], origin: str | os.PathLike = "the checkpoint"
+                          ) -> tuple[nn.Module, list[str]]:
     """Rebuild the model a checkpoint (or :func:`read_weights` result) describes, with its weights
-    loaded and in eval mode, and return it with the class names."""
+    loaded and in eval mode, and return it with the class names.
+
+    ``origin`` (the file) names the checkpoint in errors: a model that cannot be built, weights that do not
+    fit it, or a list of classes that does not have one name per output of the model.
+    """
     name, kwargs = ckpt["model_name"], ckpt["model_kwargs"]
     try:
         model = create_model(name, **kwargs)
@@ -205,7 +310,27 @@ def model_from_checkpoint(ckpt: Mapping[str, Any]) -> tuple[nn.Module, list[str]
                               "written by another excite version?") from None
     _check_fits(model, ckpt["model"], f"{name} built with {kwargs}")
     model.load_state_dict(ckpt["model"])
+    outputs = getattr(model, "num_classes", None)
+    if outputs is not None and len(ckpt["classes"]) != outputs:
+        raise CheckpointError(f"{origin} names {len(ckpt['classes'])} classes but its model has {outputs} outputs: "
+                              "the file was edited or damaged; use the run's other checkpoint or retrain")
     return model.eval(), list(ckpt["classes"])
+
+
+def restore_state(obj: Any, state: Any, what: str, path: str | os.PathLike) -> None:
+    """``obj.load_state_dict(state)`` for resuming from the checkpoint ``path``: a state that does not fit
+    (``what`` names it, e.g. "optimizer") raises one CheckpointError line instead of torch's traceback.
+
+    A model's state is checked first, key by key and shape by shape, as in :func:`model_from_checkpoint`.
+    """
+    if isinstance(obj, nn.Module):
+        _check_fits(obj, state, f"{getattr(obj, 'model_name', type(obj).__name__)} as this run builds it "
+                                f"(resuming from {path})")
+    try:
+        obj.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"the {what} state in {path} does not fit this run ({_first_sentence(e)}): use the "
+                              "run's other checkpoint, or start a new run") from None
 
 
 def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
@@ -213,6 +338,8 @@ def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) 
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    # Integers in place of floats would be converted on loading, silently: weights cast to int8 predict nothing.
+    retyped = [k for k in expected if k in state and state[k].is_floating_point() != expected[k].is_floating_point()]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing (first {missing[0]})")
@@ -222,5 +349,9 @@ def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) 
         k = reshaped[0]
         problems.append(f"{len(reshaped)} of another shape (first {k}: {tuple(state[k].shape)} in the file, "
                         f"{tuple(expected[k].shape)} in the model)")
+    if retyped:
+        k = retyped[0]
+        problems.append(f"{len(retyped)} of another type (first {k}: {state[k].dtype} in the file, "
+                        f"{expected[k].dtype} in the model)")
     if problems:
         raise CheckpointError(f"the weights do not fit {what}: tensors {'; '.join(problems)}")
