@@ -48,7 +48,7 @@ def load_for_inference(path: str | os.PathLike, device: torch.device):
         # The best epoch's weights (best.safetensors, or best.pt with --save all), else the last epoch's.
         path = next((path / name for name in ("best.pt", "best.safetensors") if (path / name).exists()), path)
     checkpoint = load_checkpoint(path)
-    model, classes = model_from_checkpoint(checkpoint)
+    model, classes = model_from_checkpoint(checkpoint, path)
     transform = build_transform(checkpoint["preset"], checkpoint["img_size"], train=False)
     return fold_batchnorm(model).to(device), classes, transform, checkpoint
 
@@ -116,15 +116,20 @@ def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
             device: str = "auto", batch_size: int = 64, tta: str = "auto",
             log_error=None) -> Iterator[tuple[str, list[tuple[str, float]]]]:
     """Yield ``(path, [(class, probability), ...])`` for each image in ``inputs`` (files or folders,
-    searched recursively). Unreadable images are reported through ``log_error`` and skipped. ``tta`` as
-    in :func:`evaluate_checkpoint`."""
+    searched recursively). Unreadable images are reported through ``log_error`` and skipped; when none of
+    them could be read, :class:`~excite.errors.DataError` says so instead, in one line. ``tta`` as in
+    :func:`evaluate_checkpoint`."""
     if topk < 1:
         raise ExciteError(f"--topk must be at least 1, got {topk}")
+    if batch_size < 1:
+        raise ExciteError(f"--batch-size must be at least 1, got {batch_size}")
     torch_device = select_device(device)
     model, classes, transform, checkpoint = load_for_inference(checkpoint_path, torch_device)
     tta = _resolve_tta(tta, checkpoint.get("config", {}))
     paths = _expand_inputs(inputs)
     k = min(topk, len(classes))
+    skipped: list[str] = []  # held back until an image is read: if none is, the error alone says why
+    read = 0
     for start in range(0, len(paths), batch_size):
         batch, names = [], []
         for path in paths[start:start + batch_size]:
@@ -132,14 +137,28 @@ def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
                 batch.append(transform(decode_image(path)))
                 names.append(str(path))
             except DataError as e:
-                (log_error or _stderr)(f"skipping {path}: {e}")
+                skipped.append(f"{path}: {_first_line(e)}")
         if not batch:
             continue
+        read += len(batch)
+        for problem in skipped:
+            (log_error or _stderr)(f"skipping {problem}")
+        skipped = []
         with torch.no_grad():
             probs = predict_logits(model, torch.stack(batch).to(torch_device), tta).softmax(1).cpu()
         values, indices = probs.topk(k, dim=1)
         for name, vals, idxs in zip(names, values.tolist(), indices.tolist()):
             yield name, [(classes[i], v) for i, v in zip(idxs, vals)]
+    if read == 0:
+        raise DataError(f"none of the {len(paths)} inputs could be read as an image (first {skipped[0]}): give "
+                        "image files, or folders of them")
+    for problem in skipped:  # the unreadable images after the last batch with a readable one
+        (log_error or _stderr)(f"skipping {problem}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _resolve_tta(tta: str, config: dict) -> str:
