@@ -151,3 +151,7 @@ def test_a_run_records_its_models_size_and_its_peak_memory(image_folder, tmp_pat
     assert size["input_shape"] == [1, 3, 32, 32] and size["total_macs"] > 0
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert row["peak_memory_mib"] > 0
+    best = json.loads((run / "best_val.json").read_text())
+    assert best["epoch"] == 1 and best["classes"] == ["blue", "green", "red"]
+    assert sum(map(sum, best["confusion"])) == sum(c["support"] for c in best["per_class"].values())
+    assert best["accuracy"] == pytest.approx(row["val_acc"])

@@ -45,7 +45,7 @@ from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunI
 from excite.io import LockHeld, atomic_write_json, atomic_write_text, exclusive_lock, remove_leftover_temporaries
 from excite.models import create_model, summary
 from excite.models.weights import load_weights
-from excite.report.metrics import MetricsLogger, format_epoch_line
+from excite.report.metrics import MetricsLogger, classification_report, format_epoch_line
 from excite.report.plots import plot_curves
 from excite.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, save_weights
 from excite.train.config import REQUESTED_KEY, TrainConfig
@@ -66,6 +66,8 @@ NAMED_SOURCES = ("digits", "cifar10", "cifar100")
 LOCK_FILE = ".lock"
 # In the run directory: the model's parameters, MACs and memory estimate (excite.models.summary), one image.
 MODEL_FILE = "model.json"
+# In the run directory: the best epoch's validation confusion matrix (rows: true class) and per-class scores.
+BEST_VAL_FILE = "best_val.json"
 
 
 @dataclass
@@ -413,6 +415,12 @@ class _Run:
         state = self.checkpoint_state(epoch)
         # The best epoch before last.pt: a run killed between the two redoes this epoch on resume and writes
         # both again, whereas the other order would resume past an epoch whose best weights were never written.
+        if is_best:
+            # The best epoch's validation results in full, for reports that compare runs.
+            atomic_write_json(self.run_dir / BEST_VAL_FILE, {
+                "epoch": epoch, "val_acc": val.acc, "val_loss": val.loss, "val_top5": val.top5,
+                "classes": list(self.data.classes), "confusion": val.confusion.tolist(),
+                **classification_report(val.confusion, self.data.classes)})
         if is_best and self.config.save in ("best", "all"):
             if self.config.save == "all":
                 save_checkpoint(self.run_dir / "best.pt", state)
