@@ -163,7 +163,7 @@ def test_tensor_cache_decodes_files_once(tmp_path, monkeypatch):
     assert cache.images.shape == (3, 3, 8, 8) and cache.labels.tolist() == [0, 1, 2]
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
-    def no_decoding(path):
+    def no_decoding(path, *args):
         raise AssertionError(f"decoded {path} again")
     monkeypatch.setattr(gpu_cache, "decode_image", no_decoding)
     again = TensorCache.from_files(paths, [0, 1, 2], size=8, cache_dir=tmp_path / "cache")

@@ -1,7 +1,7 @@
 """Never lose a run: bad data, kills and Ctrl-C with exact resumes, non-finite losses, untrusted files and
 user mistakes, each reported as one line.
 
-Every run is a tiny ResNet-20 on a generated 16-pixel folder (30 training images, 3 steps an epoch), so a
+Every run is a tiny ResNet-20 on a generated 16-pixel folder (30 training images, 4 steps an epoch), so a
 whole run takes about a second; only the tests that kill or interrupt a real process start one.
 """
 import errno
@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from excite.cli import main
+from excite.data import parse_skipped_lines
 from excite.errors import ExciteError, NonFiniteLossError
 from excite.io import exclusive_lock
 from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -34,11 +35,11 @@ from excite.train.fit import fit, resume_config
 # The module, for monkeypatching what fit() calls (excite.train re-exports the function under the same name).
 fit_module = importlib.import_module("excite.train.fit")
 
-# The same run as flags and as a config. 30 training images / batch 8 = 3 steps an epoch (drop_last).
+# The same run as flags and as a config. 30 training images in batches of 8: 4 steps an epoch (8 + 8 + 8 + 6).
 # Dropout and mixup draw from the global random generators, so an exact resume needs those restored too.
 TINY = dict(model="resnet20_cifar", model_kwargs={"widths": [4, 8, 8], "drop_rate": 0.1}, mixup=0.2, epochs=4,
             batch_size=8, img_size=16, lr=0.05, seed=3)
-STEPS_PER_EPOCH = 3
+STEPS_PER_EPOCH = 4
 TIMING_COLUMNS = ("epoch_seconds", "train_images_per_s")  # the only metrics that differ between equal runs
 
 
@@ -136,9 +137,9 @@ def test_unreadable_files_are_skipped_reported_and_strict_refuses_them(image_fol
 
     assert main(train_args(image_folder, run, epochs=1)) == 0
     assert f"Skipped {len(bad)} unreadable file(s); see {run / 'skipped_files.txt'}" in capsys.readouterr().out
-    listed = (run / "skipped_files.txt").read_text().splitlines()
-    assert {line.split(": ", 1)[0] for line in listed} == {str(p) for p in bad}
-    assert all(line.split(": ", 1)[1] for line in listed)  # each with its reason
+    listed = parse_skipped_lines((run / "skipped_files.txt").read_text())
+    assert set(listed) == {str(p) for p in bad}
+    assert all(listed.values())  # each with its reason
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
 
     status, err = run_cli(train_args(image_folder, tmp_path / "strict", epochs=1) + ["--strict"], capsys)
@@ -170,17 +171,17 @@ def test_images_that_break_during_the_run_are_skipped_counted_and_listed(image_f
     assert [row["skipped_in_run"] for row in metric_rows(result.run_dir)] == [0, 4, 4]
     assert f"4 image(s) became unreadable during epoch 2 and were skipped; see " \
            f"{result.run_dir / 'skipped_files.txt'}" in lines
-    listed = (result.run_dir / "skipped_files.txt").read_text().splitlines()
-    assert sorted(line.split(": ", 1)[0] for line in listed) == sorted(map(str, broken))
-    assert all(line.endswith("(unreadable since the scan)") for line in listed)
+    listed = parse_skipped_lines((result.run_dir / "skipped_files.txt").read_text())
+    assert sorted(listed) == sorted(map(str, broken))
+    assert all(reason.endswith("(unreadable since the scan)") for reason in listed.values())
     assert load_checkpoint(result.run_dir / "last.pt")["epoch"] == 3
 
 
 def skipped_lines(run: Path) -> dict[str, str]:
-    """The lines of ``run``'s skipped_files.txt by the path they name, checking that no path is listed twice."""
-    lines = (run / "skipped_files.txt").read_text().splitlines()
-    listed = {line.split(": ", 1)[0]: line for line in lines}
-    assert len(listed) == len(lines), lines
+    """The reasons in ``run``'s skipped_files.txt by the path they name, checking that no path is listed twice."""
+    text = (run / "skipped_files.txt").read_text()
+    listed = parse_skipped_lines(text)
+    assert len(listed) == text.count("\n"), text
     return listed
 
 
@@ -376,7 +377,7 @@ def test_resuming_mid_epoch_after_the_training_set_shrank_ends_that_epoch(folder
         fit(tiny_config(data, run, cache_images=False), log=lambda _: None)
     monkeypatch.undo()
     for path in sorted(data.rglob("*.png"))[::3] + sorted(data.rglob("*.png"))[1::3]:
-        path.unlink()  # 12 images left: 9 to train on, one batch of 8, fewer than the 2 steps already done
+        path.unlink()  # 12 images left: 9 to train on, one batch of 8 (the 9th alone is left out), under 2 steps
     lines = []
     fit(resume_config(run), resume=True, log=lines.append)
     assert f"The training set has shrunk since {run / 'last.pt'} was saved at step 2 of epoch 2: that epoch " \
@@ -615,8 +616,6 @@ USER_ERRORS = {
     "unknown model": (lambda f, r, t, m: train_args(f, t / "run", model="resnet20_cifr"),
                       "unknown model 'resnet20_cifr': did you mean resnet20_cifar"),
     "negative epochs": (lambda f, r, t, m: train_args(f, t / "run", epochs=-1), "--epochs must be at least 1"),
-    "batch larger than data": (lambda f, r, t, m: train_args(f, t / "run", batch_size=31),
-                               "batch size 31 is larger than the 30 training images"),
     "image too small for model": (lambda f, r, t, m: ["train", "--model", "densenet121", "--img-size", "8",
                                                       "--data", str(f), "--out", str(t / "run"), "--batch-size", "8"],
                                   "model densenet121 cannot take 8x8 images"),

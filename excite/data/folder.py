@@ -74,7 +74,9 @@ class ScanReport:
         if self.empty_classes:
             parts.append(f"{len(self.empty_classes)} empty class folders dropped")
         if self.links_skipped:
-            parts.append(f"{len(self.links_skipped)} symbolic links to folders already scanned were skipped")
+            n = len(self.links_skipped)
+            parts.append(f"{n} symbolic link{'s' if n > 1 else ''} to folders already scanned "
+                         f"{'were' if n > 1 else 'was'} skipped")
         if self.duplicates:
             parts.append(f"{len(self.duplicates)} more paths to images already found left out")
         return ", ".join(parts)
@@ -296,7 +298,7 @@ def _save_cache(path: Path, root: Path, results: dict[str, dict]) -> None:
         atomic_write_text(path, json.dumps({"version": _SCAN_CACHE_VERSION, "root": str(root), "files": results}))
     except OSError as error:  # a read-only or full cache folder costs the next scan its speed, never the run
         warnings.warn(f"cannot write the scan cache into {path.parent} ({error.strerror or error}); going on "
-                      "without it: set EXCITE_CACHE_DIR to a writable folder to keep it", stacklevel=3)
+                      "without it: set EXCITE_CACHE_DIR to a writable folder to keep it", stacklevel=2)
 
 
 def _check(path: Path, max_pixels: int) -> dict:

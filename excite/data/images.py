@@ -1,6 +1,7 @@
 """Decoding image files into upright 3-channel uint8 tensors, and a data set of such files."""
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 
@@ -57,12 +58,18 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_P
     :class:`ImageTooLarge` (before decoding, from the size in the file's header) for an image of more than
     ``max_pixels`` pixels; None sets no limit.
     """
-    size = _header_size(path) if max_pixels is not None else None
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise ImageTooLarge(path, *size, max_pixels)
     try:
-        image = tvio.decode_image(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB,
-                                  apply_exif_orientation=True)
+        data = tvio.read_file(str(path))
+    except RuntimeError:  # missing or unreadable: PIL's attempt below says why
+        data = None
+    if max_pixels is not None:
+        size = _header_size(path if data is None else io.BytesIO(data.numpy()))  # the bytes read: no second open
+        if size is not None and size[0] * size[1] > max_pixels:
+            raise ImageTooLarge(path, *size, max_pixels)
+    try:
+        if data is None:
+            raise RuntimeError(f"cannot read {path}")
+        image = tvio.decode_image(data, mode=tvio.ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError:  # torchvision's error for unsupported formats as well as for broken files
         image = _decode_with_pil(path)
     if image.ndim == 4:  # an animated GIF: keep its first frame
@@ -72,10 +79,10 @@ def decode_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_P
     return F.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode to uint16
 
 
-def _header_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(width, height) from the file's header, without decoding; None when PIL cannot tell."""
+def _header_size(file: str | os.PathLike | io.BytesIO) -> tuple[int, int] | None:
+    """(width, height) from an image file's header, without decoding; None when PIL cannot tell."""
     try:
-        with Image.open(path) as opened:  # lazy: reads the header only
+        with Image.open(file) as opened:  # lazy: reads the header only
             return opened.size
     except Exception:  # missing, broken or unknown to PIL: decoding will say why
         return None
