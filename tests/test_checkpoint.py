@@ -423,3 +423,19 @@ def test_restore_state_turns_states_that_do_not_fit_into_one_line(tmp_path):
     five_classes = create_model("resnet20_cifar", **{**TINY, "num_classes": 5})
     with pytest.raises(CheckpointError, match=r"resuming from run/last.pt\): tensors 2 of another shape"):
         restore_state(five_classes, state["model"], "model", "run/last.pt")
+
+
+def test_a_refused_write_says_how_to_resume_only_when_there_is_a_last_pt(tmp_path):
+    from excite.errors import WriteRefused
+    from excite.train.checkpoint import resume_hint_on_refused_writes
+
+    refused = WriteRefused(tmp_path / "metrics.csv", "No space left on device", errno.ENOSPC, existed=True)
+    with pytest.raises(WriteRefused) as err, resume_hint_on_refused_writes(tmp_path):
+        raise refused
+    assert err.value is refused  # no last.pt: nothing to resume
+    save_checkpoint(tmp_path / "last.pt", trained_state(tiny_model())[0])
+    with pytest.raises(WriteRefused) as err, resume_hint_on_refused_writes(tmp_path):
+        raise refused
+    assert str(err.value) == (f"No space left on device: {tmp_path / 'metrics.csv'} could not be written; its "
+                              f"previous version is intact; the run continues with `excite train --resume {tmp_path}` "
+                              "once this is fixed")
