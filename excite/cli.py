@@ -222,6 +222,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     main_bench(args)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from excite.experiments.compare import compare_runs
+
+    comparison = compare_runs(args.runs, out=args.out, force=args.force)
+    for warning in comparison.warnings:
+        print(f"excite: warning: compared with --force although {warning}", file=sys.stderr)
+    print(comparison.format_table())
+    for note in comparison.notes:
+        print(f"Note: {note}")
+    print(f"Wrote comparison.csv, comparison.md, the plots and report.html in {comparison.out}")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (and exit status 2), not a usage dump."""
 
@@ -284,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training/inference throughput and memory against torchvision and timm")
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("compare", help="runs side by side: one table, overlaid curves and an HTML report")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a run directory, or a folder of them (a sweep)")
+    p.add_argument("--out", help="where to write the table, plots and report.html (default comparison-<time>)")
+    p.add_argument("--force", action="store_true",
+                   help="also compare runs trained on different data or classes or validated on other images (the "
+                        "report warns)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
