@@ -222,6 +222,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     main_bench(args)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from excite.experiments.sweep import main_sweep
+
+    main_sweep(args)
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from excite.experiments.compare import compare_runs
 
@@ -296,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training/inference throughput and memory against torchvision and timm")
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sweep", help="train runs over models, options and seeds; say which differences beat seed noise")
+    from excite.experiments.grid import add_sweep_arguments  # torch-free; it reads this module's train options
+
+    add_sweep_arguments(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compare", help="runs side by side: one table, overlaid curves and an HTML report")
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run directory, or a folder of them (a sweep)")
