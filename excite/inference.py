@@ -9,12 +9,14 @@ from typing import Iterator, Sequence
 import torch
 
 from excite.data import (
+    DEFAULT_MAX_PIXELS,
     ImageFileDataset,
     build_data,
     build_transform,
     cifar_test_set,
     decode_image,
     make_loader,
+    resolve_layout,
     scan_folder,
 )
 from excite.data.folder import list_files
@@ -85,11 +87,17 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
         data_classes = dataset.classes
     elif split == "val":
         bundle = build_data(data, img_size=checkpoint["img_size"], batch_size=1, preset=checkpoint["preset"],
+                            recorded_split=_recorded_split(checkpoint_path, checkpoint),
                             val_split=config.get("val_split", 0.2), val_dir=config.get("val_dir"),
-                            seed=config.get("seed", 0), data_root=data_root)
+                            seed=config.get("seed", 0), data_root=data_root,
+                            data_layout=config.get("data_layout", "auto"),
+                            max_pixels=config.get("max_pixels", DEFAULT_MAX_PIXELS))
         dataset, data_classes = bundle.val, bundle.classes
     else:
-        scan = scan_folder(data)
+        train_root, val_root, _ = resolve_layout(data, config.get("data_layout", "auto"))
+        if val_root is not None:  # a folder split into train/ and val/ (or test/): the part training does not see
+            log(f"Evaluating {val_root}, the {val_root.name}/ part of {data}")
+        scan = scan_folder(val_root or train_root, max_pixels=config.get("max_pixels", DEFAULT_MAX_PIXELS))
         dataset, data_classes = ImageFileDataset(scan.samples, scan.classes, transform), scan.classes
     if list(data_classes) != list(classes):
         raise CheckpointError(
@@ -159,6 +167,17 @@ def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _recorded_split(path: str | os.PathLike, checkpoint: dict) -> dict | None:
+    """The train/validation split the run recorded: in the checkpoint, or for a weights file, in the last.pt of
+    its run directory. None for runs from before excite recorded it (the split is then drawn again)."""
+    if checkpoint.get("split") is not None:
+        return checkpoint["split"]
+    last = _checkpoint_dir(path) / "last.pt"
+    if Path(path).resolve() != last.resolve() and last.is_file():
+        return load_checkpoint(last).get("split")
+    return None
 
 
 def _resolve_tta(tta: str, config: dict) -> str:

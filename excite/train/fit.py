@@ -47,7 +47,15 @@ from excite.models import create_model, summary
 from excite.models.weights import load_weights
 from excite.report.metrics import MetricsLogger, classification_report, format_epoch_line
 from excite.report.plots import plot_curves
-from excite.train.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint, save_weights
+from excite.train.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    restore_state,
+    resume_hint_on_refused_writes,
+    save_checkpoint,
+    save_weights,
+)
 from excite.train.config import REQUESTED_KEY, TrainConfig
 from excite.train.loop import EpochProgress, EpochStats, Precision, ProgressDisplay, evaluate, train_one_epoch
 from excite.train.optim import build_optimizer, build_scheduler, lr_factor
@@ -170,6 +178,7 @@ def _resolved(config: TrainConfig, data: DataBundle, use_cache: bool) -> TrainCo
     def absolute(path: str | None) -> str | None:
         return path if path is None or path in NAMED_SOURCES else str(Path(path).expanduser().resolve())
     return dataclasses.replace(config, img_size=data.img_size, preset=data.preset, cache_images=use_cache,
+                               batch_size=data.batch_size,  # cut to the training set's size when larger
                                data=absolute(config.data), data_root=absolute(config.data_root),
                                val_dir=absolute(config.val_dir))
 
@@ -329,11 +338,12 @@ class _Run:
     def restore(self, checkpoint: dict) -> tuple[int, dict | None]:
         """Load the state of ``checkpoint``; returns the epoch to start at and, if it was saved inside that
         epoch, where (its ``partial``)."""
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        path = self.run_dir / "last.pt"
+        restore_state(self.model, checkpoint["model"], "model", path)
+        restore_state(self.optimizer, checkpoint["optimizer"], "optimizer", path)
+        restore_state(self.scheduler, checkpoint["scheduler"], "scheduler", path)
         if self.scaler is not None and checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
+            restore_state(self.scaler, checkpoint["scaler"], "AMP scaler", path)
         self.history = list(checkpoint["metrics"])
         self.best_acc, self.best_epoch = checkpoint["best_acc"], checkpoint["best_epoch"]
         start_epoch, partial = checkpoint["epoch"] + 1, checkpoint.get("partial")
@@ -363,6 +373,11 @@ class _Run:
         atomic_write_text(self.run_dir / "skipped_files.txt", format_skipped_lines(
             [*scan.skipped, *((path, reason) for path, reason in self.skipped_before.items() if path not in now),
              *((path, f"{reason} (unreadable since the scan)") for path, reason in self.skipped_in_run.items())]))
+
+    def lr_at_step(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based over the run): a pure function of the step, so it
+        is the same whether the epoch ran in one session or was resumed."""
+        return self.config.lr * lr_factor(step, self.steps_per_epoch, self.config)
 
     def check_finite(self, when: str) -> None:
         """Refuse to go on (and so to checkpoint) once a weight or a BatchNorm statistic is NaN or infinite: a
@@ -400,8 +415,8 @@ class _Run:
             "val_loss": val.loss, "val_top5": val.top5,
             # The rate of the epoch's first step, as the tutorials print it; with a per-step schedule (cosine,
             # one-cycle, warm-up) the rate moves during the epoch, and lr_last is that of its last step.
-            "lr": self.config.lr * lr_factor((epoch - 1) * self.steps_per_epoch, self.steps_per_epoch, self.config),
-            "lr_last": train.lr_last,
+            "lr": self.lr_at_step((epoch - 1) * self.steps_per_epoch),
+            "lr_last": self.lr_at_step(epoch * self.steps_per_epoch - 1),
             "epoch_seconds": train.seconds + val.seconds, "train_images_per_s": train.images_per_s,
             "skipped_in_run": len(self.skipped_in_run), "peak_memory_mib": _peak_memory_mib(self.model),
         }
@@ -444,6 +459,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
     run_dir = Path(config.out) if config.out else default_run_dir(config.model)
     config = dataclasses.replace(config, out=str(run_dir))
     with ExitStack() as held:  # holds the run directory's lock until fit() returns
+        # A write the system refuses (a full disk) names its file and, once last.pt exists, how to continue.
+        held.enter_context(resume_hint_on_refused_writes(run_dir))
         # An existing directory is locked before it is read or cleaned, as another process may be writing it; a
         # new one once it is created, below.
         locked = run_dir.is_dir()
@@ -535,7 +552,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
             run.write_skipped()
         if data.report.skipped:
             log(f"Skipped {len(data.report.skipped)} unreadable file(s); see {run_dir / 'skipped_files.txt'}")
-        run.metrics = MetricsLogger(run_dir, resume_epoch=start_epoch - 1)
+        # The checkpoint's history is the source of truth: a damaged metrics.jsonl is rebuilt from it.
+        run.metrics = MetricsLogger(run_dir, rows=run.history)
         log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
             f"{len(data.classes)} classes, {data.img_size}px, device {device}, run directory {run_dir}")
         preset_note = f" (--preset auto chose {data.preset})" if requested.preset == "auto" else ""
@@ -590,8 +608,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                                  f"{resume_hint}") from None
         except torch.OutOfMemoryError:
             raise ExciteError(
-                f"out of GPU memory at --batch-size {config.batch_size} with {config.model} at {data.img_size}px; "
-                f"try --batch-size {max(1, config.batch_size // 2)}"
+                f"out of GPU memory at --batch-size {data.batch_size} with {config.model} at {data.img_size}px; "
+                f"try --batch-size {max(2, data.batch_size // 2)}"
                 + ("" if config.amp else " or --amp bf16")
             ) from None
 

@@ -47,7 +47,6 @@ class EpochStats:
     seconds: float
     top5: float = float("nan")
     confusion: Optional[torch.Tensor] = field(default=None, repr=False)
-    lr_last: float = float("nan")  # the learning rate of the epoch's last step (training only)
 
     @property
     def images_per_s(self) -> float:
@@ -200,7 +199,7 @@ def train_one_epoch(
         raise ExciteError("the training loader produced no batches: is the training set empty?")
     seconds = time.perf_counter() - begun
     return EpochStats(loss=progress.loss_sum.item() / progress.seen, acc=progress.correct.item() / progress.seen,
-                      images=progress.seen, seconds=seconds, lr_last=lr)
+                      images=progress.seen, seconds=seconds)
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
