@@ -72,7 +72,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Train every combination of the options given with several values (--model a,b, "
                           "--model-arg growth_rate=12,24, --lr 0.05,0.1) for each seed, as ordinary run directories in "
                           "one sweep directory, then say which differences are larger than seed noise.")
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups: dict[str, Any] = {}
     for group, flags, kwargs in _train_definitions():
         if group not in groups:
             groups[group] = parser.add_argument_group(f"{group} (as for excite train; A,B,... for several values)")
