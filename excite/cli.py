@@ -110,6 +110,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save", choices=CHOICES["save"],
                    help="best (default): last.pt to resume and best.safetensors, the best weights; all: also "
                         "best.pt, a full checkpoint of the best epoch; last: last.pt alone")
+    g.add_argument("--logger", choices=[c for c in CHOICES["logger"] if c],
+                   help="also log to TensorBoard: event files in the run directory (tensorboard --logdir runs/); "
+                        "needs pip install 'excite[tensorboard]'")
     g.add_argument("--progress-seconds", type=float,
                    help="without a terminal, print a progress line this often inside an epoch (default 30; 0: off)")
     g.add_argument("--seed", type=int)

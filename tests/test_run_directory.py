@@ -155,3 +155,57 @@ def test_a_run_records_its_models_size_and_its_peak_memory(image_folder, tmp_pat
     assert best["epoch"] == 1 and best["classes"] == ["blue", "green", "red"]
     assert sum(map(sum, best["confusion"])) == sum(c["support"] for c in best["per_class"].values())
     assert best["accuracy"] == pytest.approx(row["val_acc"])
+
+
+def test_loggers_receive_the_run_as_dicts_and_tensorboard_reads_back_its_events(image_folder, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Recorder:
+        wants_steps = True
+
+        def __init__(self):
+            self.calls = []
+
+        def start(self, run_dir, config, start_epoch):
+            self.calls.append(("start", start_epoch, config["model"]))
+
+        def log_step(self, values):
+            self.calls.append(("step", values["global_step"]))
+
+        def log_epoch(self, row):
+            self.calls.append(("epoch", row["epoch"], row["val_acc"]))
+
+        def finish(self, result):
+            self.calls.append(("finish", result["best_epoch"]))
+
+    recorder, rows = Recorder(), []
+    result = excite.fit(tiny_config(image_folder, tmp_path / "run", logger="tensorboard"), log=lambda _: None,
+                        loggers=[recorder, rows.append])
+    steps = [c for c in recorder.calls if c[0] == "step"]
+    assert recorder.calls[0] == ("start", 1, "resnet20_cifar") and recorder.calls[-1] == ("finish", result.best_epoch)
+    assert [c[1] for c in steps] == list(range(1, len(steps) + 1)) and len(steps) % 2 == 0
+    assert [row["epoch"] for row in rows] == [1, 2] and [r["val_acc"] for r in rows] == [
+        h["val_acc"] for h in result.history]
+
+    events = EventAccumulator(str(result.run_dir)).Reload()
+    assert [e.step for e in events.Scalars("val/acc")] == [h["epoch"] for h in result.history]
+    assert [e.value for e in events.Scalars("val/acc")] == pytest.approx([h["val_acc"] for h in result.history])
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([h["lr"] for h in result.history])
+    hparams = EventAccumulator(str(result.run_dir), size_guidance={"tensors": 0}).Reload()
+    assert "hparam/best_val_acc" in hparams.Tags()["scalars"] + hparams.Tags()["tensors"]
+
+
+def test_a_missing_tensorboard_is_one_line_before_anything_is_created(image_folder, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ExciteError, match=r"pip install 'excite\[tensorboard\]'"):
+        excite.fit(tiny_config(image_folder, tmp_path / "run", logger="tensorboard"), log=lambda _: None)
+    assert not (tmp_path / "run").exists()

@@ -58,6 +58,8 @@ class MetricsLogger:
         self.rows.append(dict(row))
         self._write()
 
+    log_epoch = append  # as a run logger (excite.report.loggers): the run's own metrics files
+
     def _write(self) -> None:
         columns = list(dict.fromkeys(key for row in self.rows for key in row))
         table = io.StringIO()

@@ -32,6 +32,8 @@ CHOICES = {
     # best: last.pt (to resume) and best.safetensors (the best weights); all: best.pt too, a full checkpoint of
     # the best epoch; last: last.pt alone.
     "save": ("best", "all", "last"),
+    # tensorboard: event files in the run directory (pip install 'excite[tensorboard]').
+    "logger": (None, "tensorboard"),
 }
 #: What ``--device`` accepts: the same grammar for train, eval, predict and bench (see excite.environment).
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -85,6 +87,7 @@ class TrainConfig:
     save: str = "best"
     # Without a terminal (a log file, a notebook, nohup), print a progress line this often inside an epoch; 0: never.
     progress_seconds: float = 30.0
+    logger: Optional[str] = None  # also log to TensorBoard ("tensorboard"); metrics.csv/.jsonl are always written
     out: Optional[str] = None  # None: runs/<model>-<timestamp>
     seed: int = 0
     device: str = "auto"

@@ -31,7 +31,7 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunI
 from excite.io import LockHeld, atomic_write_json, atomic_write_text, exclusive_lock, remove_leftover_temporaries
 from excite.models import create_model, summary
 from excite.models.weights import load_weights
+from excite.report.loggers import LoggerGroup, build_loggers
 from excite.report.metrics import MetricsLogger, classification_report, format_epoch_line
 from excite.report.plots import plot_curves
 from excite.train.checkpoint import (
@@ -67,7 +68,7 @@ IMAGE_CACHE_LIMIT = 2 * 2**30
 # The data may have moved (a relative path given from another folder, a copied data set): the split recorded in
 # the checkpoint keeps the run on the same images.
 RESUMABLE_OVERRIDES = ("epochs", "workers", "device", "checkpoint_minutes", "progress_seconds", "save", "data",
-                       "data_root")
+                       "data_root", "logger")
 #: The built-in sources, which are names rather than paths.
 NAMED_SOURCES = ("digits", "cifar10", "cifar100")
 # In the run directory: held locked by the process that trains the run.
@@ -333,6 +334,7 @@ class _Run:
     skipped_before: dict[str, str] = field(default_factory=dict)  # earlier sessions' skipped files: path -> reason
     skipped_in_run: dict[str, str] = field(default_factory=dict)  # images unreadable since the scan: path -> reason
     metrics: MetricsLogger | None = None  # opened once the run directory is locked
+    loggers: LoggerGroup | None = None  # the metrics files, then the other loggers
     stop: StopRequest = field(default_factory=StopRequest)
 
     def restore(self, checkpoint: dict) -> tuple[int, dict | None]:
@@ -373,6 +375,26 @@ class _Run:
         atomic_write_text(self.run_dir / "skipped_files.txt", format_skipped_lines(
             [*scan.skipped, *((path, reason) for path, reason in self.skipped_before.items() if path not in now),
              *((path, f"{reason} (unreadable since the scan)") for path, reason in self.skipped_in_run.items())]))
+
+    def step_hook(self, on_step: Callable[[dict], None] | None, epoch: int) -> Callable[[dict], None] | None:
+        """What train_one_epoch calls after each step: ``on_step`` and the loggers that want steps (None when
+        nobody does, which spares reading the loss back every step)."""
+        if on_step is None and not (self.loggers and self.loggers.wants_steps):
+            return None
+
+        def hook(values: dict) -> None:
+            values = {**values, "global_step": (epoch - 1) * self.steps_per_epoch + values["step"]}
+            if on_step is not None:
+                on_step(values)
+            if self.loggers is not None:
+                self.loggers.log_step(values)
+        return hook
+
+    def finish_loggers(self, result: dict | None = None) -> None:
+        """Tell the loggers the run ended (``result`` None: with an error), once."""
+        if self.loggers is not None:
+            loggers, self.loggers = self.loggers, None
+            loggers.finish(result)
 
     def lr_at_step(self, step: int) -> float:
         """The learning rate of optimizer step ``step`` (0-based over the run): a pure function of the step, so it
@@ -423,7 +445,7 @@ class _Run:
         self.history.append(row)
         self.log(format_epoch_line(epoch, train.acc, train.loss, val.acc, val.loss, row["lr"],
                                    row["epoch_seconds"], train.images_per_s))
-        self.metrics.append(row)
+        self.loggers.log_epoch(row)
         is_best = val.acc > self.best_acc
         if is_best:
             self.best_acc, self.best_epoch = val.acc, epoch
@@ -446,16 +468,20 @@ class _Run:
 
 
 def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
-        show_progress: Optional[bool] = None, on_step: Optional[Callable[[dict], None]] = None) -> RunResult:
+        show_progress: Optional[bool] = None, on_step: Optional[Callable[[dict], None]] = None,
+        loggers: Sequence[Any] = ()) -> RunResult:
     """Train ``config.model`` on ``config.data`` and write the run directory; returns the best result.
 
     With ``resume=True`` the run continues in ``config.out`` from its ``last.pt`` (use
     :func:`resume_config` to get the config back). ``log`` receives every line the run prints.
     ``show_progress`` (default: when stderr is a terminal) shows a progress bar with running numbers;
     without one, ``log`` gets a progress line every ``config.progress_seconds``. ``on_step`` receives each
-    training step's ``{"epoch", "step", "lr", "loss"}``, for a logger that wants per-step values.
+    training step's ``{"epoch", "step", "global_step", "lr", "loss"}``. ``loggers`` receive the run as
+    dicts (see :mod:`excite.report.loggers`: objects with ``start`` / ``log_step`` / ``log_epoch`` / ``finish``,
+    or functions that get each epoch's metrics row), after the run's own metrics files and ``config.logger``'s.
     """
     config.validate()
+    extra_loggers = [*build_loggers(config.logger), *loggers]  # a missing TensorBoard fails before anything runs
     run_dir = Path(config.out) if config.out else default_run_dir(config.model)
     config = dataclasses.replace(config, out=str(run_dir))
     with ExitStack() as held:  # holds the run directory's lock until fit() returns
@@ -554,6 +580,9 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
             log(f"Skipped {len(data.report.skipped)} unreadable file(s); see {run_dir / 'skipped_files.txt'}")
         # The checkpoint's history is the source of truth: a damaged metrics.jsonl is rebuilt from it.
         run.metrics = MetricsLogger(run_dir, rows=run.history)
+        run.loggers = LoggerGroup([run.metrics, *extra_loggers])
+        held.callback(run.finish_loggers)  # flushed however fit() ends; finish() below reports a success first
+        run.loggers.start(run_dir, config.to_dict(), start_epoch)
         log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
             f"{len(data.classes)} classes, {data.img_size}px, device {device}, run directory {run_dir}")
         preset_note = f" (--preset auto chose {data.preset})" if requested.preset == "auto" else ""
@@ -582,7 +611,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                     train_loader.set_epoch(epoch, start_batch=progress.step)
                     train = train_one_epoch(train_model, train_loader, optimizer, scheduler, precision, epoch=epoch,
                                             label_smoothing=config.label_smoothing, scaler=scaler, mix=mix,
-                                            display=display, progress=progress, on_step=on_step,
+                                            display=display, progress=progress,
+                                            on_step=run.step_hook(on_step, epoch),
                                             after_step=functools.partial(run.save_mid_epoch, epoch))
                     if train is None:
                         raise run.stop.interrupted(f"at epoch {epoch}, step {progress.step}; saved in "
@@ -613,5 +643,7 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                 + ("" if config.amp else " or --amp bf16")
             ) from None
 
+        run.finish_loggers({"best_acc": run.best_acc, "best_epoch": run.best_epoch,
+                            "final": run.history[-1] if run.history else None})
         log(f"Best validation accuracy {run.best_acc:.1%} at epoch {run.best_epoch}; files in {run_dir}")
         return RunResult(run_dir=run_dir, best_acc=run.best_acc, best_epoch=run.best_epoch, history=run.history)
