@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import fnmatch
 import os
 import sys
+import typing
 
 from excite import __version__
 from excite.bench_options import add_arguments as add_bench_arguments
 from excite.errors import ExciteError, UnknownModelError
 from excite.models.names import MODEL_NAMES
-from excite.train.config import CHOICES, DEVICE_HELP, TrainConfig, resolve_config
+from excite.train.config import CHOICES, DEVICE_HELP, OPTION_GROUPS, TrainConfig, resolve_config
 from excite.train.recipes import RECIPES
 
 TTA_CHOICES = ("auto", *CHOICES["tta"])  # auto: what the run validated with (excite.inference checks the same)
@@ -55,71 +57,42 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+#: ``excite train`` flags that are not options of the run itself.
+CLI_ONLY_TRAIN_FLAGS = ("config", "resume")
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    # Every default is None so that a config file can supply the value and an explicit flag still wins.
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="model name (see `excite models`)")
-    g.add_argument("--model-arg", dest="model_kwargs", action="append", type=_key_value, metavar="KEY=VALUE",
-                   help="builder override, e.g. growth_rate=12 or block_config=[4,4,4] (repeatable)")
-    g.add_argument("--pretrained", help="weights file to start from (excite, torchvision or timm layout)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="image folder (one subfolder per class), or cifar10, cifar100, digits")
-    g.add_argument("--data-root", help="where CIFAR is stored or downloaded to")
-    g.add_argument("--val-split", type=float, help="fraction held out for validation (default 0.2)")
-    g.add_argument("--val-dir", help="a separate validation folder instead of a split")
-    g.add_argument("--data-layout", choices=CHOICES["data_layout"],
-                   help="auto (default): a folder of train/ and val/ (or test/) subfolders, each holding the same "
-                        "class folders, is used as that split; classes: every top-level folder is a class")
-    g.add_argument("--img-size", type=int, help="side of the square input (default 224, or 32 for CIFAR)")
-    g.add_argument("--preset", choices=CHOICES["preset"], help="transforms: imagenet or cifar style")
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
-    g.add_argument("--augment", choices=[c for c in CHOICES["augment"] if c], help="extra augmentation")
-    g.add_argument("--mixup", type=float, help="mixup alpha (0 = off)")
-    g.add_argument("--cutmix", type=float, help="cutmix alpha (0 = off)")
-    g.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
-                   help="fail on unreadable images instead of skipping them")
-    g.add_argument("--max-pixels", type=int,
-                   help="skip images with more pixels than this as unreadable (default 89,478,485, PIL's limit "
-                        "against decompression bombs)")
-    g.add_argument("--workers", type=int, help="data loader processes (default: auto)")
-    g.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode the data set once into device memory and augment there (default: on for "
-                        "CIFAR-size images)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--opt", choices=CHOICES["opt"])
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--sched", choices=CHOICES["sched"])
-    g.add_argument("--step-size", type=int, help="epochs between decays with --sched step")
-    g.add_argument("--gamma", type=float, help="decay factor with --sched step")
-    g.add_argument("--warmup-epochs", type=float)
-    g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--tta", choices=CHOICES["tta"],
-                   help="test-time augmentation of validation: flip averages each image with its mirror")
-    g = p.add_argument_group("run")
-    g.add_argument("--config", help="TOML or JSON file of options; flags override it")
-    g.add_argument("--recipe", choices=sorted(RECIPES), help="a tuned option set; other options override it")
-    g.add_argument("--out", help="run directory (default runs/<model>-<time>)")
-    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    g.add_argument("--checkpoint-minutes", type=float,
-                   help="also checkpoint inside an epoch this often (default 10; 0: after every step)")
-    g.add_argument("--save", choices=CHOICES["save"],
-                   help="best (default): last.pt to resume and best.safetensors, the best weights; all: also "
-                        "best.pt, a full checkpoint of the best epoch; last: last.pt alone")
-    g.add_argument("--logger", choices=[c for c in CHOICES["logger"] if c],
-                   help="also log to TensorBoard: event files in the run directory (tensorboard --logdir runs/); "
-                        "needs pip install 'excite[tensorboard]'")
-    g.add_argument("--progress-seconds", type=float,
-                   help="without a terminal, print a progress line this often inside an epoch (default 30; 0: off)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help=DEVICE_HELP)
-    g.add_argument("--amp", choices=[c for c in CHOICES["amp"] if c], help="mixed precision")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    """``excite train``'s flags, one per TrainConfig field, generated from the fields and their metadata."""
+    groups = {name: p.add_argument_group(name) for name in OPTION_GROUPS}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if meta.get("internal"):
+            continue
+        flag = meta.get("flag") or f"--{f.name.replace('_', '-')}"
+        # Every default is None so that a config file can supply the value and an explicit flag still wins.
+        kwargs: dict = {"dest": f.name, "default": None, "help": meta["help"]}
+        kind = _option_type(f.name)
+        if f.name == "model_kwargs":
+            kwargs.update(action="append", type=_key_value, metavar="KEY=VALUE")
+        elif kind is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        elif f.name in CHOICES or f.name == "recipe":
+            choices = sorted(RECIPES) if f.name == "recipe" else CHOICES[f.name]
+            kwargs.update(choices=[c for c in choices if c is not None])
+        elif kind in (int, float):
+            kwargs.update(type=kind)
+        groups[meta["group"]].add_argument(flag, **kwargs)
+    run = groups["run"]
+    run.add_argument("--config", help="TOML or JSON file of options; flags override it")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+
+
+def _option_type(name: str) -> type:
+    """The Python type of a TrainConfig field, Optional removed (bool, int, float, str or dict)."""
+    annotation = typing.get_type_hints(TrainConfig)[name]
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    kind = args[0] if typing.get_origin(annotation) is typing.Union else annotation
+    return typing.get_origin(kind) or kind
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:

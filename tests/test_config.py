@@ -76,3 +76,23 @@ def test_warmup_then_cosine_ends_near_zero():
     onecycle = TrainConfig(sched="onecycle", epochs=10)
     peak = max(lr_factor(s, 100, onecycle) for s in range(1000))
     assert peak == pytest.approx(1.0, abs=1e-3) and lr_factor(0, 100, onecycle) == pytest.approx(1 / 25)
+
+
+def test_every_option_has_a_flag_and_every_flag_an_option():
+    import argparse
+    import dataclasses
+
+    from excite.cli import CLI_ONLY_TRAIN_FLAGS
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+    actions = [a for a in train.choices["train"]._actions if a.option_strings and a.dest != "help"]
+    dests = [a.dest for a in actions]
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if not f.metadata["internal"]]
+    assert sorted(dests) == sorted(fields + list(CLI_ONLY_TRAIN_FLAGS))
+    assert len(dests) == len(set(dests))  # one flag per option
+    # Each flag parses into its field's type: a config from every flag given is a valid config.
+    by_dest = {a.dest: a for a in actions}
+    assert by_dest["hflip"].option_strings == ["--hflip", "--no-hflip"] and by_dest["epochs"].type is int
+    assert by_dest["lr"].type is float and by_dest["opt"].choices == ["sgd", "adam", "adamw"]
+    assert all(f.metadata["help"] for f in dataclasses.fields(TrainConfig))

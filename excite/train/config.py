@@ -42,64 +42,103 @@ DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
 DEFAULT_MAX_PIXELS = 89_478_485
 
 
+def option(default: Any = dataclasses.MISSING, *, help: str, group: str, factory: Any = dataclasses.MISSING,
+           flag: str | None = None, internal: bool = False) -> Any:
+    """A TrainConfig field with what ``excite train`` needs to offer it as a flag: its ``help`` text and the
+    ``group`` it is listed under (``flag`` overrides the flag's name; ``internal`` fields have no flag)."""
+    metadata = {"help": help, "group": group, "flag": flag, "internal": internal}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+#: The groups of ``excite train --help``, in order.
+OPTION_GROUPS = ("model", "data", "optimisation", "run")
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a run. Saved as ``config.json`` in the run directory."""
+    """Everything that defines a run, and the one place an option is defined: ``excite train``'s flags, config
+    files and sweep axes are these fields (their metadata holds the flag's help). Saved as ``config.json``."""
 
-    # model
-    model: str = "se_densenet121"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # builder overrides, e.g. {"growth_rate": 12}
-    pretrained: Optional[str] = None  # weights file to start from (torchvision, timm or excite layout)
-    # data
-    data: str = "digits"  # an ImageFolder path, or cifar10 / cifar100 / digits
-    data_root: Optional[str] = None  # where CIFAR lives or is downloaded to
-    val_split: float = 0.2  # the tutorials hold out 20% of the folder
-    val_dir: Optional[str] = None
-    data_layout: str = "auto"
-    img_size: Optional[int] = None  # None: 32 for the CIFAR preset, 224 otherwise
-    preset: str = "auto"
-    hflip: bool = True  # off for data where a mirror image changes the class (digits, text)
-    augment: Optional[str] = None
-    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 turns it off
-    cutmix: float = 0.0
-    strict: bool = False  # unreadable images are an error instead of being skipped
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as unreadable (decompression bombs)
-    # Decode the whole set once into memory on the training device and augment whole batches there.
+    model: str = option("se_densenet121", group="model", help="model name (see `excite models`)")
+    model_kwargs: dict[str, Any] = option(
+        factory=dict, group="model", flag="--model-arg",
+        help="builder override, e.g. growth_rate=12 or block_config=[4,4,4] (repeatable)")
+    pretrained: Optional[str] = option(None, group="model",
+                                       help="weights file to start from (excite, torchvision or timm layout)")
+
+    data: str = option("digits", group="data",
+                       help="image folder (one subfolder per class), or cifar10, cifar100, digits")
+    data_root: Optional[str] = option(None, group="data", help="where CIFAR is stored or downloaded to")
+    # The tutorials hold out 20% of the folder.
+    val_split: float = option(0.2, group="data", help="fraction held out for validation (default 0.2)")
+    val_dir: Optional[str] = option(None, group="data", help="a separate validation folder instead of a split")
+    data_layout: str = option(
+        "auto", group="data",
+        help="auto (default): a folder of train/ and val/ (or test/) subfolders, each holding the same class "
+             "folders, is used as that split; classes: every top-level folder is a class")
+    img_size: Optional[int] = option(None, group="data",
+                                     help="side of the square input (default 224, or 32 for the cifar preset)")
+    preset: str = option("auto", group="data",
+                         help="input pipeline: imagenet (resize, ImageNet statistics), cifar (pad-crop, CIFAR "
+                              "statistics), plain (resize, no normalisation); auto: cifar for images up to 64 px")
+    # Off for data where a mirror image changes the class (digits, text).
+    hflip: bool = option(True, group="data", help="random horizontal flips of training images (default on)")
+    augment: Optional[str] = option(None, group="data", help="extra per-image augmentation")
+    mixup: float = option(0.0, group="data", help="mixup alpha: Beta(alpha, alpha) mixing (0 = off)")
+    cutmix: float = option(0.0, group="data", help="cutmix alpha (0 = off)")
+    strict: bool = option(False, group="data", help="fail on unreadable images instead of skipping them")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, group="data",
+                             help="skip images with more pixels than this as unreadable (default 89,478,485, "
+                                  "PIL's limit against decompression bombs)")
     # None: on for CIFAR-size images (the "cifar" preset) up to 2 GiB when no per-image --augment is asked for.
-    cache_images: Optional[bool] = None
-    workers: int = -1  # -1: excite.data.loader.default_workers (up to 4 on CUDA, none on the CPU)
-    # optimisation
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 0.05
-    opt: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    sched: str = "cosine"
-    step_size: int = 5  # StepLR period in epochs, as seed 002
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    # run
-    recipe: Optional[str] = None  # a named option set from excite.train.recipes, applied under the flags
-    checkpoint_minutes: float = 10.0  # also checkpoint inside an epoch this often (0: after every step)
-    save: str = "best"
-    # Without a terminal (a log file, a notebook, nohup), print a progress line this often inside an epoch; 0: never.
-    progress_seconds: float = 30.0
-    logger: Optional[str] = None  # also log to TensorBoard ("tensorboard"); metrics.csv/.jsonl are always written
-    out: Optional[str] = None  # None: runs/<model>-<timestamp>
-    seed: int = 0
-    device: str = "auto"
-    amp: Optional[str] = None
-    channels_last: bool = False
-    compile: bool = False
-    # Test-time augmentation of validation (and of eval/predict with this run's weights): "flip" averages
-    # each image's logits with its mirror image's.
-    tta: str = "none"
+    cache_images: Optional[bool] = option(
+        None, group="data",
+        help="decode the data set once into device memory and augment there (default: on for CIFAR-size images)")
+    # -1: excite.data.loader.default_workers (up to 4 on CUDA, none on the CPU).
+    workers: int = option(-1, group="data", help="data loader processes (default: auto)")
+
+    epochs: int = option(20, group="optimisation", help="epochs to train (default 20)")
+    batch_size: int = option(64, group="optimisation",
+                             help="images per step (default 64; cut to the training set's size if larger)")
+    lr: float = option(0.05, group="optimisation", help="peak learning rate (default 0.05)")
+    opt: str = option("sgd", group="optimisation", help="optimizer (default sgd)")
+    momentum: float = option(0.9, group="optimisation", help="SGD momentum (default 0.9)")
+    nesterov: bool = option(False, group="optimisation", help="Nesterov momentum (SGD only)")
+    weight_decay: float = option(5e-4, group="optimisation",
+                                 help="weight decay of conv and linear weights (default 5e-4; none on BN and biases)")
+    sched: str = option("cosine", group="optimisation", help="learning-rate schedule, stepped every batch")
+    step_size: int = option(5, group="optimisation", help="epochs between decays with --sched step (default 5)")
+    gamma: float = option(0.1, group="optimisation", help="decay factor with --sched step (default 0.1)")
+    warmup_epochs: float = option(0.0, group="optimisation", help="linear warm-up, in epochs (fractions allowed)")
+    label_smoothing: float = option(0.0, group="optimisation", help="label smoothing of the loss (default 0)")
+    # "flip" averages each image's logits with its mirror image's, in validation and in eval/predict of the run.
+    tta: str = option("none", group="optimisation",
+                      help="test-time augmentation of validation: flip averages each image with its mirror")
+
+    recipe: Optional[str] = option(None, group="run", help="a tuned option set; other options override it")
+    out: Optional[str] = option(None, group="run", help="run directory (default runs/<model>-<time>)")
+    checkpoint_minutes: float = option(
+        10.0, group="run", help="also checkpoint inside an epoch this often (default 10; 0: after every step)")
+    save: str = option("best", group="run",
+                       help="best (default): last.pt to resume and best.safetensors, the best weights; all: also "
+                            "best.pt, a full checkpoint of the best epoch; last: last.pt alone")
+    logger: Optional[str] = option(
+        None, group="run", help="also log to TensorBoard: event files in the run directory (tensorboard --logdir "
+                                "runs/); needs pip install 'excite[tensorboard]'")
+    progress_seconds: float = option(
+        30.0, group="run",
+        help="without a terminal (a log file, a notebook, nohup), print a progress line this often inside an "
+             "epoch (default 30; 0: off)")
+    seed: int = option(0, group="run", help="seed of the split, the data order, augmentation and initial weights")
+    device: str = option("auto", group="run", help=DEVICE_HELP)
+    amp: Optional[str] = option(None, group="run", help="mixed precision")
+    channels_last: bool = option(False, group="run", help="channels-last memory format")
+    compile: bool = option(False, group="run", help="torch.compile the model")
     # Set by fit() when the run starts and kept in its config.json and checkpoints, so that a checkpoint of
     # another run copied into the directory is refused instead of resumed.
-    run_id: Optional[str] = None
+    run_id: Optional[str] = option(None, group="run", internal=True, help="the run's id, set by fit()")
 
     def validate(self) -> "TrainConfig":
         """Raise ExciteError with one line for the first value that cannot work: a value of the wrong type, a
