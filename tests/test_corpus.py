@@ -217,6 +217,8 @@ CASES = [
     Case("drop-rate-negative", lambda c: train(c, "--model-arg", "drop_rate=-3"), 2, "drop_rate"),
     Case("block-misspelt", lambda c: train(c, "--model", "resnet18", "--model-arg", "block=basik"), 2, "basik",
          check=no_lock_left),
+    Case("model-misspelt", lambda c: train(c, "--model", "resnet20_cifr"), 2,
+         "error: unknown model 'resnet20_cifr': did you mean resnet20_cifar"),
     Case("in-chans-1", lambda c: train(c, "--model-arg", "in_chans=1"), 2, "in_chans=1 cannot train"),
     Case("device-cuda-1", lambda c: train(c, "--device", "cuda:1"), 2, "no CUDA GPU is visible"),
     Case("device-unknown", lambda c: train(c, "--device", "gpu"), 2, "--device 'gpu' is not valid"),

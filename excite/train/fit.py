@@ -41,7 +41,7 @@ from excite.data.gpu_cache import cached_loaders
 from excite.data.loader import default_workers
 from excite.data.transforms import describe_transform
 from excite.environment import describe, select_device
-from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted
+from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted, UnknownModelError
 from excite.io import LockHeld, atomic_write_json, atomic_write_text, exclusive_lock, remove_leftover_temporaries
 from excite.models import create_model, summary
 from excite.models.weights import load_weights
@@ -535,8 +535,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
 
         try:
             model = create_model(config.model, num_classes=len(data.classes), **config.model_kwargs)
-        except ExciteError:  # an unknown name: its message already lists the close matches
-            raise
+        except UnknownModelError as e:  # its message already lists the close matches
+            raise ExciteError(str(e)) from None
         except (TypeError, ValueError) as e:  # a --model-arg the builder does not take, or a value it cannot use
             raise ExciteError(f"cannot build {config.model} with --model-arg values {config.model_kwargs} ({e}); "
                               "fix or drop those --model-arg options") from None
