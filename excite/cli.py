@@ -14,13 +14,12 @@ import dataclasses
 import fnmatch
 import os
 import sys
-import typing
 
 from excite import __version__
 from excite.bench_options import add_arguments as add_bench_arguments
 from excite.errors import ExciteError, UnknownModelError
 from excite.models.names import MODEL_NAMES
-from excite.train.config import CHOICES, DEVICE_HELP, OPTION_GROUPS, TrainConfig, resolve_config
+from excite.train.config import CHOICES, DEVICE_HELP, OPTION_GROUPS, TrainConfig, option_type, resolve_config
 from excite.train.recipes import RECIPES
 
 TTA_CHOICES = ("auto", *CHOICES["tta"])  # auto: what the run validated with (excite.inference checks the same)
@@ -71,7 +70,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         flag = meta.get("flag") or f"--{f.name.replace('_', '-')}"
         # Every default is None so that a config file can supply the value and an explicit flag still wins.
         kwargs: dict = {"dest": f.name, "default": None, "help": meta["help"]}
-        kind = _option_type(f.name)
+        kind = option_type(f.name)
         if f.name == "model_kwargs":
             kwargs.update(action="append", type=_key_value, metavar="KEY=VALUE")
         elif kind is bool:
@@ -85,14 +84,6 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     run = groups["run"]
     run.add_argument("--config", help="TOML or JSON file of options; flags override it")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-
-
-def _option_type(name: str) -> type:
-    """The Python type of a TrainConfig field, Optional removed (bool, int, float, str or dict)."""
-    annotation = typing.get_type_hints(TrainConfig)[name]
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    kind = args[0] if typing.get_origin(annotation) is typing.Union else annotation
-    return typing.get_origin(kind) or kind
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:

@@ -6,17 +6,17 @@ Torch-free, like :mod:`excite.bench_options`: the CLI builds the sweep's parser 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from excite.cli import _add_train_options, _key_value, _train_overrides
 from excite.errors import ExciteError
-from excite.train.config import TrainConfig, read_config_file, resolve_config
+from excite.train.config import TrainConfig, option_type, read_config_file, resolve_config
 
 #: Options that say where and how fast runs train, not what they train: one value for the whole sweep, and free to
 #: differ between the sessions and machines that share it (a resumed run may change them too).
@@ -263,12 +263,8 @@ def _seeds(args: argparse.Namespace, fixed: dict, axes: dict, default: int) -> l
 
 def _numeric_fields() -> dict[str, type]:
     """The TrainConfig fields of type int or float (Optional or not): what --search can tune."""
-    found = {}
-    for name, annotation in typing.get_type_hints(TrainConfig).items():
-        kinds = [a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)]
-        if len(kinds) == 1 and kinds[0] in (int, float):
-            found[name] = kinds[0]
-    return found
+    return {f.name: option_type(f.name) for f in dataclasses.fields(TrainConfig)
+            if option_type(f.name) in (int, float)}
 
 
 def _search_range(text: str) -> SearchRange:

@@ -144,7 +144,7 @@ class TrainConfig:
         """Raise ExciteError with one line for the first value that cannot work: a value of the wrong type, a
         non-finite number, one out of range, or options that contradict each other."""
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name])
+            _check_type(f.name, getattr(self, f.name))
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 shown = ", ".join(str(c) for c in choices)
@@ -204,17 +204,31 @@ def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """Each TrainConfig field's type with Optional removed (bool, int, float, str or dict), and whether None is
+    allowed."""
+    types = {}
+    for name, annotation in typing.get_type_hints(TrainConfig).items():
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = typing.get_origin(annotation) is typing.Union
+        kind = args[0] if optional else annotation
+        types[name] = (typing.get_origin(kind) or kind, optional)
+    return types
 
 
-def _check_type(name: str, value: Any, annotation: Any) -> None:
+_FIELD_TYPES = _field_types()
+
+
+def option_type(name: str) -> type:
+    """The type of TrainConfig field ``name``, Optional removed: bool, int, float, str or dict."""
+    return _FIELD_TYPES[name][0]
+
+
+def _check_type(name: str, value: Any) -> None:
     """One line if ``value`` does not have the option's type (a config file can hold anything)."""
-    args = typing.get_args(annotation)
-    if type(None) in args:  # Optional[X]
-        if value is None:
-            return
-        annotation = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(annotation) or annotation
+    origin, optional = _FIELD_TYPES[name]
+    if optional and value is None:
+        return
     # bool is an int subclass in Python; as an option, true is not a number and 1 is not a switch.
     if origin is bool:
         ok, what = type(value) is bool, "true or false"
@@ -229,7 +243,7 @@ def _check_type(name: str, value: Any, annotation: Any) -> None:
     elif origin is dict:
         ok, what = isinstance(value, dict) and all(isinstance(k, str) for k in value), "a table of KEY = VALUE"
     else:  # pragma: no cover - a new field of a type this function does not know yet
-        raise TypeError(f"TrainConfig.{name} has a type _check_type does not know: {annotation}")
+        raise TypeError(f"TrainConfig.{name} has a type _check_type does not know: {origin}")
     if not ok:
         raise ExciteError(f"{_flag(name)} must be {what}, got {value!r}")
 
