@@ -184,25 +184,32 @@ def _resolved(config: TrainConfig, data: DataBundle, use_cache: bool) -> TrainCo
                                val_dir=absolute(config.val_dir))
 
 
+def _read_json(path: Path, kind: type) -> Any:
+    """The JSON value in ``path`` if it can be read and is a ``kind``; None for a missing or damaged file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, kind) else None
+
+
 def _write_config(path: Path, config: TrainConfig, requested: TrainConfig, resume: bool) -> None:
     """config.json: the resolved options, and under "requested" the values the user gave where they differ
     (kept from the first session on a resume, whose config is already resolved)."""
     asked = {key: value for key, value in requested.to_dict().items()
              if key != "run_id" and value != getattr(config, key)}
-    if resume:
-        try:
-            asked = json.loads(path.read_text()).get(REQUESTED_KEY, {}) or asked
-        except (OSError, ValueError, AttributeError):  # no config.json, or a damaged one: it is rewritten
-            pass
+    earlier = _read_json(path, dict) if resume else None  # None: no config.json, or a damaged one (rewritten)
+    if earlier is not None:
+        asked = earlier.get(REQUESTED_KEY) or asked
     atomic_write_json(path, {**config.to_dict(), REQUESTED_KEY: asked})
 
 
 def _check_same_run(run_dir: Path, checkpoint: dict) -> None:
     """Refuse a last.pt that belongs to another run than the directory's config.json (a copied file)."""
-    try:
-        directory_id = json.loads((run_dir / "config.json").read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):  # no or a damaged config.json: last.pt alone says what the run is
+    directory = _read_json(run_dir / "config.json", dict)
+    if directory is None:  # no or a damaged config.json: last.pt alone says what the run is
         return
+    directory_id = directory.get("run_id")
     checkpoint_id = checkpoint["config"].get("run_id")
     if directory_id and checkpoint_id and directory_id != checkpoint_id:
         raise CheckpointError(f"{run_dir / 'last.pt'} belongs to run {checkpoint_id} ({checkpoint['model_name']}), "
@@ -228,12 +235,9 @@ def _read_sessions(path: Path) -> list:
     """The sessions recorded in environment.json; a missing or damaged file is started again (with a warning)."""
     if not path.exists():
         return []
-    try:
-        sessions = json.loads(path.read_text())
-        if isinstance(sessions, list):
-            return sessions
-    except (OSError, ValueError):
-        pass
+    sessions = _read_json(path, list)
+    if sessions is not None:
+        return sessions
     warnings.warn(f"{path} is damaged; it is written again with this session only", stacklevel=3)
     return []
 
