@@ -19,10 +19,17 @@ from excite import __version__
 from excite.bench_options import add_arguments as add_bench_arguments
 from excite.errors import ExciteError, UnknownModelError
 from excite.models.names import MODEL_NAMES
-from excite.train.config import CHOICES, DEVICE_HELP, OPTION_GROUPS, TrainConfig, option_type, resolve_config
+from excite.train.config import (
+    CHOICES,
+    DEVICE_HELP,
+    EVAL_TTA_CHOICES,
+    OPTION_GROUPS,
+    TrainConfig,
+    option_type,
+    resolve_config,
+)
 from excite.train.recipes import RECIPES
 
-TTA_CHOICES = ("auto", *CHOICES["tta"])  # auto: what the run validated with (excite.inference checks the same)
 TTA_HELP = "test-time augmentation: flip averages each image with its mirror (auto: as the run validated)"
 
 DEMO_CONFIG = dict(
@@ -239,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write eval.json and confusion_matrix.png")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
+    p.add_argument("--tta", choices=EVAL_TTA_CHOICES, default="auto", help=TTA_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes of images")
@@ -247,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--tta", choices=TTA_CHOICES, default="auto", help=TTA_HELP)
+    p.add_argument("--tta", choices=EVAL_TTA_CHOICES, default="auto", help=TTA_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("models", help="list model names")

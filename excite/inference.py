@@ -30,11 +30,8 @@ from excite.nn.fold import fold_batchnorm
 from excite.report.metrics import classification_report
 from excite.report.plots import plot_confusion_matrix
 from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
-from excite.train.config import CHOICES
+from excite.train.config import EVAL_TTA_CHOICES
 from excite.train.loop import Precision, evaluate, predict_logits
-
-TTA_CHOICES = ("auto", *CHOICES["tta"])  # auto: what the run validated with
-TTA_HELP = "test-time augmentation: flip averages each image with its mirror (auto: as the run validated)"
 
 
 def load_for_inference(path: str | os.PathLike, device: torch.device):
@@ -182,8 +179,8 @@ def _recorded_split(path: str | os.PathLike, checkpoint: dict) -> dict | None:
 
 def _resolve_tta(tta: str, config: dict) -> str:
     """The test-time augmentation to use: "none" or "flip"."""
-    if tta not in TTA_CHOICES:
-        raise ExciteError(f"--tta {tta!r} is not valid: choose one of {', '.join(TTA_CHOICES)}")
+    if tta not in EVAL_TTA_CHOICES:
+        raise ExciteError(f"--tta {tta!r} is not valid: choose one of {', '.join(EVAL_TTA_CHOICES)}")
     if tta == "auto":
         return config.get("tta") or "none"  # checkpoints from before --tta existed have none
     return tta

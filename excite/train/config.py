@@ -35,6 +35,8 @@ CHOICES = {
     # tensorboard: event files in the run directory (pip install 'excite[tensorboard]').
     "logger": (None, "tensorboard"),
 }
+#: What eval's and predict's ``--tta`` accept: auto is what the run validated with.
+EVAL_TTA_CHOICES = ("auto", *CHOICES["tta"])
 #: What ``--device`` accepts: the same grammar for train, eval, predict and bench (see excite.environment).
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
