@@ -214,6 +214,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"Wrote comparison.csv, comparison.md, the plots and report.html in {comparison.out}")
 
 
+def cmd_excitation(args: argparse.Namespace) -> None:
+    from excite.explain.report import excitation_report
+
+    excitation_report(args.run, args.data, out=args.out, split=args.split, batch_size=args.batch_size,
+                      device=args.device, data_root=args.data_root)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (and exit status 2), not a usage dump."""
 
@@ -282,6 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_arguments(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("excitation", help="what the attention gates learned, per class and depth (the SENet paper)")
+    p.add_argument("run", metavar="RUN", help="a run directory, or its checkpoint or weights file")
+    p.add_argument("--data", required=True, help="image folder, or cifar10 / cifar100 / digits")
+    p.add_argument("--split", choices=("auto", "val", "all", "test"), default="auto",
+                   help="which images, as for eval (auto: the run's validation split on its training data)")
+    p.add_argument("--data-root")
+    p.add_argument("--out", help="where to write the figures, excitation.json and excitation.html "
+                                 "(default excitation-<data> beside the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_excitation)
 
     p = sub.add_parser("compare", help="runs side by side: one table, overlaid curves and an HTML report")
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run directory, or a folder of them (a sweep)")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from torch.utils.data import Dataset
 
 from excite.data import (
     DEFAULT_MAX_PIXELS,
@@ -34,13 +35,15 @@ from excite.train.config import EVAL_TTA_CHOICES
 from excite.train.loop import Precision, evaluate, predict_logits
 
 
-def load_for_inference(path: str | os.PathLike, device: torch.device):
-    """Model (eval mode, on ``device``), class names and the eval transform of a checkpoint or weights file.
+def load_for_inference(path: str | os.PathLike, device: torch.device, fold: bool = True):
+    """Model (eval mode, on ``device``), class names, the eval transform and the checkpoint of a checkpoint or
+    weights file.
 
     A run directory means its best weights (``best.pt`` or ``best.safetensors``), or its ``last.pt`` when it
-    kept no best weights (``--save last``). The model has
+    kept no best weights (``--save last``). With ``fold`` the model has
     its BatchNorms folded into the convolutions before them (:func:`~excite.nn.fold.fold_batchnorm`):
-    the same function, fewer passes over the activations.
+    the same function, fewer passes over the activations; without it, the modules are the model's own (for
+    hooks on named layers).
     """
     path = Path(path)
     if path.is_dir():
@@ -49,7 +52,7 @@ def load_for_inference(path: str | os.PathLike, device: torch.device):
     checkpoint = load_checkpoint(path)
     model, classes = model_from_checkpoint(checkpoint, path)
     transform = build_transform(checkpoint["preset"], checkpoint["img_size"], train=False)
-    return fold_batchnorm(model).to(device), classes, transform, checkpoint
+    return (fold_batchnorm(model) if fold else model.eval()).to(device), classes, transform, checkpoint
 
 
 def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: str | None = None,
@@ -68,8 +71,32 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
         raise ExciteError(f"--batch-size must be at least 1, got {batch_size}")
     torch_device = select_device(device)
     model, classes, transform, checkpoint = load_for_inference(checkpoint_path, torch_device)
+    tta = _resolve_tta(tta, checkpoint.get("config", {}))
+    dataset, split = eval_dataset(checkpoint_path, checkpoint, classes, transform, data, split=split,
+                                  data_root=data_root, log=log)
+    loader = make_loader(dataset, batch_size, train=False, workers=default_workers(torch_device))
+    stats = evaluate(model, loader, Precision(torch_device), len(classes), tta=tta)
+    report = classification_report(stats.confusion, classes)
+    result = {"checkpoint": str(checkpoint_path), "data": str(data), "split": split, "tta": tta, "images": stats.images,
+              "top1": stats.acc, "top5": stats.top5, "loss": stats.loss, **report}
+    out_dir = Path(out) if out else _checkpoint_dir(checkpoint_path) / f"eval-{Path(str(data)).name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "eval.json", result)
+    plot_confusion_matrix(stats.confusion, classes, out_dir / "confusion_matrix.png")
+    log(f"{stats.images} images: top-1 {stats.acc:.2%}, top-5 {stats.top5:.2%}, loss {stats.loss:.4f}")
+    for name, row in report["per_class"].items():
+        log(f"  {name:>20}: precision {row['precision']:.3f} recall {row['recall']:.3f} f1 {row['f1']:.3f} "
+            f"support {row['support']}")
+    log(f"Wrote {out_dir / 'eval.json'} and {out_dir / 'confusion_matrix.png'}")
+    return result
+
+
+def eval_dataset(checkpoint_path: str | os.PathLike, checkpoint: dict, classes: Sequence[str], transform, data: str, *,
+                 split: str = "auto", data_root: str | None = None, log=print) -> tuple[Dataset, str]:
+    """The images a checkpoint is evaluated on, and the split they are: see :func:`evaluate_checkpoint`'s
+    ``split``. Raises a one-line error when the split does not apply to ``data`` or its classes are not the
+    checkpoint's."""
     config = checkpoint.get("config", {})
-    tta = _resolve_tta(tta, config)
     trained_on = str(config.get("data", ""))
     is_cifar = data in CIFAR
     if split == "auto":
@@ -100,21 +127,7 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
         raise CheckpointError(
             f"the checkpoint was trained on classes {_short(classes)} but {data} has {_short(data_classes)}; "
             "evaluate on data with the same class folders")
-    loader = make_loader(dataset, batch_size, train=False, workers=default_workers(torch_device))
-    stats = evaluate(model, loader, Precision(torch_device), len(classes), tta=tta)
-    report = classification_report(stats.confusion, classes)
-    result = {"checkpoint": str(checkpoint_path), "data": str(data), "split": split, "tta": tta, "images": stats.images,
-              "top1": stats.acc, "top5": stats.top5, "loss": stats.loss, **report}
-    out_dir = Path(out) if out else _checkpoint_dir(checkpoint_path) / f"eval-{Path(str(data)).name}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "eval.json", result)
-    plot_confusion_matrix(stats.confusion, classes, out_dir / "confusion_matrix.png")
-    log(f"{stats.images} images: top-1 {stats.acc:.2%}, top-5 {stats.top5:.2%}, loss {stats.loss:.4f}")
-    for name, row in report["per_class"].items():
-        log(f"  {name:>20}: precision {row['precision']:.3f} recall {row['recall']:.3f} f1 {row['f1']:.3f} "
-            f"support {row['support']}")
-    log(f"Wrote {out_dir / 'eval.json'} and {out_dir / 'confusion_matrix.png'}")
-    return result
+    return dataset, split
 
 
 def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, topk: int = 3,

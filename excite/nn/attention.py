@@ -2,7 +2,8 @@
 
 Every attention layer is built as ``layer(channels)`` and returns a tensor shaped like its input, so a
 block only needs an ``attn_layer`` argument to take any of them (SE-ResNet is ResNet with
-``attn_layer="se"``).
+``attn_layer="se"``). Each computes its per-channel scores in a submodule named ``gate`` (a sigmoid), so
+``excite.explain`` can read or replace a channel gate by hooking that one module, whatever the layer.
 """
 from __future__ import annotations
 
@@ -91,13 +92,14 @@ class CBAM(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=False)
         self.spatial = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2, bias=False)
-        self.gate = nn.Sigmoid()
+        self.gate = nn.Sigmoid()  # the channel gate; the spatial map has its own, so the two stay apart
+        self.spatial_gate = nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = lambda s: self.fc2(self.act(self.fc1(s)))  # noqa: E731 - shared by both pooled inputs
         x = x * self.gate(mlp(x.mean((2, 3), keepdim=True)) + mlp(x.amax((2, 3), keepdim=True)))
         pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
-        return x * self.gate(self.spatial(pooled))
+        return x * self.spatial_gate(self.spatial(pooled))
 
 
 AttnSpec = Union[str, Callable[[int], nn.Module], None]

@@ -35,7 +35,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> N
         ax.set(title=f"Training and Validation {title}", xlabel="epoch", ylabel=title.lower())
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc=legend_at)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str | os.PathLike,
@@ -64,10 +64,10 @@ def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path:
                 value = cm[i, j].item()
                 ax.text(j, i, f"{value:.2f}" if normalize else f"{value:.0f}", ha="center", va="center",
                         fontsize=fontsize, color="white" if value > threshold else "black")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> None:
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
     """Render ``fig`` in the format its file extension names (PNG by default) and write it atomically."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", bbox_inches="tight")
