@@ -143,9 +143,8 @@ def test_excitation_command_writes_figures_numbers_and_a_page(tmp_path, capsys, 
     fit(TrainConfig(model="se_resnet20_cifar", model_kwargs={"layers": [1, 1, 1], "widths": [8, 16, 16]},
                     data=str(image_folder), out=str(run), epochs=2, batch_size=8, img_size=16, seed=0, lr=0.05),
         log=lambda _: None)
-    assert main(["excitation", str(run), "--data", str(image_folder), "--split", "all", "--out",
-                 str(tmp_path / "ex")]) == 0
-    out = tmp_path / "ex"
+    assert main(["excitation", str(run), "--data", str(image_folder), "--split", "all"]) == 0
+    out = run / f"excitation-{image_folder.name}"  # beside the checkpoint, where excite compare finds it
     result = json.loads((out / "excitation.json").read_text())
     assert result["images"] == 36 and result["split"] == "all"
     assert len(result["layers"]) == 3 and [row["layers"] for row in result["stages"]] == [1, 1, 1]
@@ -156,3 +155,8 @@ def test_excitation_command_writes_figures_numbers_and_a_page(tmp_path, capsys, 
     assert "What the attention learned" in page and page.count("data:image/png;base64") == 2
     printed = capsys.readouterr().out
     assert "stage 3 (4x4)" in printed and "accuracy with mean gates" in printed
+
+    # The run's comparison report carries the analysis as a section.
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp")]) == 0
+    report = (tmp_path / "cmp" / "report.html").read_text()
+    assert "What the attention learned: se" in report and "accuracy with mean gates" in report

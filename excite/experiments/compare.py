@@ -486,6 +486,11 @@ def _sections(comparison: Comparison, figures: dict[str, bytes], confusions: lis
         sections.append(Section("Per-class accuracy", images=[
             (figures["per_class.png"], "recall of each class at each run's best epoch")]))
         sections.append(Section("Confusion matrices (best epoch, rows: true class)", images=confusions, grid=True))
+    from excite.explain.report import excitation_section, latest_excitation
+
+    for run in comparison.runs:  # `excite excitation RUN` leaves its analysis in the run directory
+        if (found := latest_excitation(run.path)) is not None:
+            sections.append(excitation_section(found, f"What the attention learned: {run.name}"))
     sections.append(Section("Run directories", notes=[f"{run.name}: {run.path.resolve()}" for run in comparison.runs]))
     return sections
 

@@ -20,7 +20,7 @@ from excite.explain.excitation import (
     stage_label,
 )
 from excite.io import atomic_write_json
-from excite.report.html import HtmlReport
+from excite.report.html import Section, report_html
 from excite.report.plots import save_figure
 
 #: Above this many classes the per-class lines are not told apart by a legend.
@@ -105,9 +105,8 @@ def excitation_report(checkpoint_path: str | os.PathLike, data: str, *, out: str
     atomic_write_json(out_dir / "excitation.json", result)
     plot_class_excitation(stats, out_dir / "excitation.png")
     plot_specificity(stats, out_dir / "specificity.png")
-    page = HtmlReport(f"What the attention learned: {Path(str(checkpoint_path)).name}")
-    add_excitation_section(page, out_dir)
-    page.write(out_dir / "excitation.html")
+    report_html(f"What the attention learned: {Path(str(checkpoint_path)).name}", [excitation_section(out_dir)],
+                path=out_dir / "excitation.html")
 
     log(f"{stats.images} images ({split}), {len(stats.layers)} attention layers, accuracy {stats.accuracy:.2%}")
     for row in rows:
@@ -118,21 +117,30 @@ def excitation_report(checkpoint_path: str | os.PathLike, data: str, *, out: str
     return result
 
 
-def add_excitation_section(page: HtmlReport, out_dir: str | os.PathLike) -> HtmlReport:
-    """Add the analysis written in ``out_dir`` by :func:`excitation_report` to ``page`` (also used by
-    ``excite compare`` for runs that have one)."""
+def excitation_section(out_dir: str | os.PathLike, title: str = "What the attention learned") -> Section:
+    """The analysis that :func:`excitation_report` wrote into ``out_dir``, as one report section (its own page,
+    and ``excite compare``'s report for runs that have one)."""
     out_dir = Path(out_dir)
     result = json.loads((out_dir / "excitation.json").read_text())
-    page.add_heading("What the attention learned")
-    page.add_paragraph(
-        f"{result['images']} images ({result['split']} split of {result['data']}); accuracy {result['accuracy']:.2%}. "
-        "Specificity is, per channel, the spread of the class means over the spread within a class, averaged over "
-        "channels: near 0 the gate is the same for every class. The last column is the accuracy with each "
-        "stage's gates fixed at their data-set mean (a constant gate), the others left as they are.")
-    page.add_table(["stage", "layers", "specificity", "saturated", "accuracy with mean gates", "change"],
-                   [[r["stage"], r["layers"], f"{r['specificity']:.3f}", f"{r['saturation']:.0%}",
-                     f"{r['accuracy_with_mean_gates']:.2%}", f"{r['accuracy_change']:+.2%}"]
-                    for r in result["stages"]])
-    page.add_images([((out_dir / "excitation.png").read_bytes(), "Mean gate per channel and class"),
-                     ((out_dir / "specificity.png").read_bytes(), "Class-specificity by depth")])
-    return page
+    return Section(
+        title,
+        paragraphs=[f"{result['images']} images ({result['split']} split of {result['data']}); accuracy "
+                    f"{result['accuracy']:.2%}. Specificity is, per channel, the spread of the class means over "
+                    "the spread within a class, averaged over channels: near 0 the gate is the same for every "
+                    "class. Saturated: the share of channels whose mean gate is above 0.9 or below 0.1. The last "
+                    "columns are the accuracy with each stage's gates fixed at their data-set mean (a constant "
+                    "gate), the other stages left as they are."],
+        columns=["stage", "layers", "specificity", "saturated", "accuracy with mean gates", "change"],
+        rows=[[r["stage"], r["layers"], f"{r['specificity']:.3f}", f"{r['saturation']:.0%}",
+               f"{r['accuracy_with_mean_gates']:.2%}", f"{r['accuracy_change']:+.2%}"] for r in result["stages"]],
+        images=[((out_dir / "excitation.png").read_bytes(), "mean gate per channel and class, last attention layer "
+                                                            "of each stage"),
+                ((out_dir / "specificity.png").read_bytes(), "class-specificity of every attention layer by depth")],
+        grid=True)
+
+
+def latest_excitation(run_dir: str | os.PathLike) -> Path | None:
+    """The newest ``excitation-*`` folder of a run directory with a complete analysis in it, if any."""
+    found = [p.parent for p in Path(run_dir).glob("excitation-*/excitation.json")
+             if (p.parent / "excitation.png").exists() and (p.parent / "specificity.png").exists()]
+    return max(found, key=lambda p: (p / "excitation.json").stat().st_mtime, default=None)
