@@ -214,6 +214,15 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"Wrote comparison.csv, comparison.md, the plots and report.html in {comparison.out}")
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    from excite.explain.cam import explain_images
+    from excite.inference import _checkpoint_dir
+
+    out = args.out or _checkpoint_dir(args.run) / "explain"
+    explain_images(args.run, args.images, out, methods=[m for m in args.method.split(",") if m], layer=args.layer,
+                   topk=args.topk, device=args.device)
+
+
 def cmd_excitation(args: argparse.Namespace) -> None:
     from excite.explain.report import excitation_report
 
@@ -289,6 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sweep_arguments(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("explain", help="top-k predictions and class-activation maps (where the model looks) of images")
+    p.add_argument("run", metavar="RUN", help="a run directory, or its checkpoint or weights file")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--method", default="gradcam,occlusion",
+                   help="comma-separated CAM methods: gradcam, occlusion (gradient-free) (default both)")
+    p.add_argument("--layer", help="the module Grad-CAM reads, e.g. layer3 (default: the last feature stage)")
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--out", help="where to write the maps, explain.json and index.html (default: explain/ beside "
+                                 "the checkpoint)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("excitation", help="what the attention gates learned, per class and depth (the SENet paper)")
     p.add_argument("run", metavar="RUN", help="a run directory, or its checkpoint or weights file")

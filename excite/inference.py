@@ -144,7 +144,7 @@ def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
     torch_device = select_device(device)
     model, classes, transform, checkpoint = load_for_inference(checkpoint_path, torch_device)
     tta = _resolve_tta(tta, checkpoint.get("config", {}))
-    paths = _expand_inputs(inputs)
+    paths = expand_inputs(inputs)
     k = min(topk, len(classes))
     skipped: list[str] = []  # held back until an image is read: if none is, the error alone says why
     read = 0
@@ -155,12 +155,12 @@ def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
                 batch.append(transform(decode_image(path)))
                 names.append(str(path))
             except DataError as e:
-                skipped.append(f"{path}: {_first_line(e)}")
+                skipped.append(f"{path}: {first_line(e)}")
         if not batch:
             continue
         read += len(batch)
         for problem in skipped:
-            (log_error or _stderr)(f"skipping {problem}")
+            (log_error or warn)(f"skipping {problem}")
         skipped = []
         with torch.no_grad():
             probs = predict_logits(model, torch.stack(batch).to(torch_device), tta).softmax(1).cpu()
@@ -171,10 +171,11 @@ def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
         raise DataError(f"none of the {len(paths)} inputs could be read as an image (first {skipped[0]}): give "
                         "image files, or folders of them")
     for problem in skipped:  # the unreadable images after the last batch with a readable one
-        (log_error or _stderr)(f"skipping {problem}")
+        (log_error or warn)(f"skipping {problem}")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -199,7 +200,8 @@ def _resolve_tta(tta: str, config: dict) -> str:
     return tta
 
 
-def _expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files and folders as a list of files: each folder's image files, searched recursively."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -229,5 +231,6 @@ def _short(names: Sequence[str], limit: int = 5) -> str:
     return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)})"
 
 
-def _stderr(message: str) -> None:
+def warn(message: str) -> None:
+    """One ``excite: warning:`` line on stderr."""
     print(f"excite: warning: {message}", file=sys.stderr)
