@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from excite.data import make_loader
 from excite.data.loader import default_workers
@@ -39,9 +40,10 @@ def plot_class_excitation(stats: ExcitationStats, path: str | os.PathLike) -> No
             if layer.count[k]:
                 ax.plot(layer.class_mean[k], linewidth=0.8, label=name)
         ax.set(title=f"{stage_label(stats, stage)}\n{layer.name}", xlabel="channel index", ylim=(0, 1.02))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("mean gate value")
     if len(stats.classes) <= MAX_LEGEND_CLASSES:
-        axes[-1].legend(fontsize=7, loc="lower right")
+        fig.legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="outside right upper")
     save_figure(fig, path)
 
 
