@@ -9,6 +9,7 @@ target itself, never the file it points to.
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import json
@@ -313,6 +314,13 @@ def _safetensors_contents(tensors: Mapping[str, torch.Tensor], metadata: Mapping
     return {"tensors": tensors, "metadata": {k: v for k, v in metadata.items() if k != CHECKSUM}}
 
 
+def _trusted_globals():
+    """The classes, beyond tensors and containers, that ``weights_only`` loading may rebuild: exactly
+    ``argparse.Namespace``, which timm's training script stores its arguments in (``model_best.pth.tar``).
+    Rebuilding one runs no code from the file; a subclass of it is a different class and still refused."""
+    return torch.serialization.safe_globals([argparse.Namespace])
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only, so nothing
     stored in the file can run. A missing, corrupt or code-carrying file raises a one-line CheckpointError."""
@@ -325,7 +333,8 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
         with warnings.catch_warnings():
             # A plain pickle (not torch.save's zip) makes torch warn about its protocol before refusing it.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            with _trusted_globals():
+                return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # how torch reports anything weights_only refuses, and non-torch files
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:

@@ -142,14 +142,24 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+#: Prefixes that wrap a whole model's names: DataParallel/DDP (``module.``), torch.compile (``_orig_mod.``) and the
+#: attribute a Lightning module usually keeps its network in. Removed only when every key carries the same one.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.", "network.")
+
+
 def _as_state_dict(obj: object, origin: str) -> dict[str, torch.Tensor]:
-    """The state dict in ``obj``: ``obj`` itself, or its ``"model"`` entry (an excite training checkpoint)."""
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{origin} holds no state dict (expected a dict of tensors or a checkpoint with "
-                              f"a 'model' entry)")
-    return dict(obj)
+    """The state dict in ``obj``: ``obj`` itself, or its ``"model"`` entry (an excite training checkpoint) or
+    ``"state_dict"`` entry (Lightning's ``.ckpt``, timm's ``model_best.pth.tar``), without wrapper prefixes."""
+    if isinstance(obj, Mapping):
+        entry = next((obj[key] for key in ("model", "state_dict") if isinstance(obj.get(key), Mapping)), None)
+        obj = obj if entry is None else entry
+    if not obj or not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{origin} holds no state dict (expected a dict of tensors, or a checkpoint with a "
+                              "'model' or 'state_dict' entry)")
+    state = dict(obj)
+    while prefix := next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None):
+        state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
 
 
 def _to_excite_names(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -217,6 +227,9 @@ def load_weights(model: nn.Module, source: WeightsSource, strict: bool = True) -
     classifier raises :class:`CheckpointError` either way, saying which model it seems to be for: the model
     would otherwise train on from random weights as if it had been given some.
     """
+    if isinstance(source, nn.Module):
+        raise CheckpointError(f"got a {type(source).__name__} model where weights belong: pass its state_dict() "
+                              "or a weights file")
     if isinstance(source, Mapping):
         state, file_model, origin = _as_state_dict(source, "the given dict"), None, "the given state dict"
     else:
