@@ -230,9 +230,8 @@ def _captum_attr():
 
 def _stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The feature extractor's stages by dotted name (see :func:`default_target_layer`): not the classifier."""
-    features = getattr(model, "features", None)
-    if isinstance(features, nn.Sequential):
-        return [(f"features.{name}", module) for name, module in features.named_children()]
+    if hasattr(model, "stage_modules"):  # every excite model
+        return model.stage_modules()
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     return [(name, module) for name, module in model.named_children() if module is not head]
 
