@@ -39,7 +39,8 @@ class _Hostile:
 
 
 def lightning_ckpt(state):
-    return {"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0", "state_dict": prefixed(state, "model."),
+    return {"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",
+            "state_dict": prefixed(state, "model."),
             "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": [], "hparams_name": "kwargs",
             "hyper_parameters": {"lr": 0.1, "model": "se_resnet20_cifar"}}
 
@@ -94,3 +95,17 @@ def test_a_model_object_instead_of_a_state_dict_is_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"^got a SEResNet|^got a ResNet") as error:
         load_weights(target, source)
     assert "state_dict()" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_create_model_takes_pretrained_weights_or_says_in_one_line_what_it_needs(tmp_path):
+    source, _ = source_and_target()
+    torch.save(lightning_ckpt(source.state_dict()), tmp_path / "last.ckpt")
+    model = create_model("se_resnet20_cifar", pretrained=tmp_path / "last.ckpt", **TINY)
+    assert_same_weights(model, source)
+    assert "pretrained" not in model.model_kwargs  # a checkpoint rebuilds the model without reloading the file
+    with pytest.warns(UserWarning, match="classifier"):  # another number of classes: the head starts fresh
+        other = create_model("se_resnet20_cifar", pretrained=source.state_dict(), **{**TINY, "num_classes": 5})
+    assert torch.equal(other.conv1.weight, source.conv1.weight)
+    with pytest.raises(ValueError, match=r"^pretrained=True cannot say which weights") as error:
+        create_model("se_resnet20_cifar", pretrained=True)
+    assert "\n" not in str(error.value)

@@ -47,14 +47,24 @@ def get_model_builder(name: str) -> Callable[..., nn.Module]:
         raise UnknownModelError(f"unknown model {name!r}: {hint}") from None
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
+def create_model(name: str, pretrained=None, **kwargs) -> nn.Module:
     """Build the registered model ``name``.
 
     Keyword arguments go to the builder: every model accepts ``num_classes``, ``in_chans`` and
     ``drop_rate``, and each family adds its own (``growth_rate``, ``attn_layer``...). The model
     remembers ``model_name`` and ``model_kwargs`` so that a checkpoint can rebuild it.
+    ``pretrained`` is a weights file or a state dict, loaded with :func:`~excite.models.load_weights` (a
+    classifier of another size and attention layers the weights lack start fresh, with a warning);
+    ``True`` raises a ValueError, as weights are not yet found by the model's name.
     """
+    if pretrained is True:
+        raise ValueError(f"pretrained=True cannot say which weights to load into {name}: pass a weights file "
+                         "(excite, torchvision or timm layout) or a state dict")
     model = get_model_builder(name)(**kwargs)
+    if pretrained is not None and pretrained is not False:
+        from excite.models.weights import load_weights
+
+        load_weights(model, pretrained)
     model.model_name = name
     model.model_kwargs = dict(kwargs)
     return model
