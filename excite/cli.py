@@ -216,9 +216,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> None:
     from excite.explain.cam import explain_images
-    from excite.inference import _checkpoint_dir
+    from excite.inference import checkpoint_dir
 
-    out = args.out or _checkpoint_dir(args.run) / "explain"
+    out = args.out or checkpoint_dir(args.run) / "explain"
     explain_images(args.run, args.images, out, methods=[m for m in args.method.split(",") if m], layer=args.layer,
                    topk=args.topk, device=args.device)
 

@@ -57,3 +57,9 @@ class RunInterrupted(ExciteError):
     """The user stopped a run (Ctrl-C); the message says how to resume it."""
 
     exit_code = 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

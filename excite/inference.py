@@ -25,7 +25,7 @@ from excite.data.images import is_image_file
 from excite.data.loader import default_workers
 from excite.data.sources import CIFAR
 from excite.environment import select_device
-from excite.errors import CheckpointError, DataError, ExciteError
+from excite.errors import CheckpointError, DataError, ExciteError, first_line
 from excite.io import atomic_write_json
 from excite.nn.fold import fold_batchnorm
 from excite.report.metrics import classification_report
@@ -79,7 +79,7 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
     report = classification_report(stats.confusion, classes)
     result = {"checkpoint": str(checkpoint_path), "data": str(data), "split": split, "tta": tta, "images": stats.images,
               "top1": stats.acc, "top5": stats.top5, "loss": stats.loss, **report}
-    out_dir = Path(out) if out else _checkpoint_dir(checkpoint_path) / f"eval-{Path(str(data)).name}"
+    out_dir = Path(out) if out else checkpoint_dir(checkpoint_path) / f"eval-{Path(str(data)).name}"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "eval.json", result)
     plot_confusion_matrix(stats.confusion, classes, out_dir / "confusion_matrix.png")
@@ -174,18 +174,12 @@ def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
         (log_error or warn)(f"skipping {problem}")
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type's name when it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _recorded_split(path: str | os.PathLike, checkpoint: dict) -> dict | None:
     """The train/validation split the run recorded: in the checkpoint, or for a weights file, in the last.pt of
     its run directory. None for runs from before excite recorded it (the split is then drawn again)."""
     if checkpoint.get("split") is not None:
         return checkpoint["split"]
-    last = _checkpoint_dir(path) / "last.pt"
+    last = checkpoint_dir(path) / "last.pt"
     if Path(path).resolve() != last.resolve() and last.is_file():
         return load_checkpoint(last).get("split")
     return None
@@ -221,7 +215,8 @@ def _same_source(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _checkpoint_dir(path: str | os.PathLike) -> Path:
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The run directory of a checkpoint path: the path itself when it is a folder, else its parent."""
     path = Path(path)
     return path if path.is_dir() else path.parent
 

@@ -34,8 +34,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from excite.data import decode_image
 from excite.environment import select_device
-from excite.errors import DataError, ExciteError
-from excite.inference import expand_inputs, first_line, load_for_inference, warn
+from excite.errors import DataError, ExciteError, first_line
+from excite.inference import expand_inputs, load_for_inference, warn
 from excite.io import atomic_write, atomic_write_json
 from excite.report.html import HtmlReport
 
@@ -45,40 +45,18 @@ METHOD_TITLES = {"gradcam": "Grad-CAM", "occlusion": "occlusion"}
 MIN_DISPLAY_SIDE = 224
 #: Occluded copies of the images per forward pass: batches of about 64 keep a CPU busy without much memory.
 OCCLUSION_BATCH = 64
-# Any side works for default_target_layer's trial pass: every family downsamples 32x at most, leaving 2x2.
-_PROBE_SIDE = 64
 
 
 def default_target_layer(model: nn.Module) -> str:
     """The dotted name of the last stage of ``model``'s feature extractor: the stage whose output is the feature
-    map the head pools.
-
-    The stages are the children of the model's ``features`` Sequential where it has one (DenseNet, DPN,
-    ResDense, as in torchvision), else the model's own children (ResNet). One forward pass of a small input
-    picks the last of them to run whose output is a 4-D map with ``model.num_features`` channels: ``layer4``
-    for the ImageNet ResNets (``layer3`` for the three-stage CIFAR ones), ``features.relu5`` for DenseNet and
-    ResDense (``features.attn`` with SE placed on the final features) and ``features.conv5_bn_ac`` for DPN.
-    Raises a ValueError when no stage fits.
+    map the head pools, the last entry of an excite model's :attr:`~excite.models.ClassifierModel.feature_info`:
+    ``layer4`` for the ImageNet ResNets (``layer3`` for the three-stage CIFAR ones), ``features.relu5`` for
+    DenseNet and ResDense (``features.attn`` with SE placed on the final features) and ``features.conv5_bn_ac``
+    for DPN. Raises a ValueError for a model without ``feature_info``: name its layer instead.
     """
-    ran: list[tuple[str, tuple[int, ...]]] = []
-    hooks = [module.register_forward_hook(
-        lambda _module, _input, output, name=name: ran.append((name, tuple(output.shape)))
-        if isinstance(output, torch.Tensor) else None)
-        for name, module in _stages(model)]
-    parameter = next(model.parameters())
-    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    probe = torch.zeros(1, conv.in_channels, _PROBE_SIDE, _PROBE_SIDE, device=parameter.device, dtype=parameter.dtype)
-    try:
-        with _frozen(model), torch.no_grad():
-            model.forward_features(probe)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    fits = [name for name, shape in ran if len(shape) == 4 and shape[1] == model.num_features]
-    if not fits:
-        raise ValueError(f"no stage of {type(model).__name__} outputs a map of its {model.num_features} final "
-                         "channels: give the layer by name")
-    return fits[-1]
+    if not hasattr(model, "feature_info"):
+        raise ValueError(f"{type(model).__name__} does not list its feature stages: give the layer by name")
+    return model.feature_info[-1]["module"]
 
 
 def cam(model: nn.Module, images: torch.Tensor, *, target: int | Sequence[int] | torch.Tensor | None = None,

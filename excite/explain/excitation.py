@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -86,7 +86,6 @@ class ExcitationStats:
     classes: list[str]
     accuracy: float           # of the model as it is, on the images the statistics came from
     images: int
-    extra: dict = field(default_factory=dict)
 
     def stages(self) -> dict[int, list[LayerExcitation]]:
         found: dict[int, list[LayerExcitation]] = {}
@@ -95,7 +94,7 @@ class ExcitationStats:
         return found
 
     def to_dict(self) -> dict:
-        return {"classes": self.classes, "images": self.images, "accuracy": self.accuracy, **self.extra,
+        return {"classes": self.classes, "images": self.images, "accuracy": self.accuracy,
                 "layers": [layer.to_dict() for layer in self.layers]}
 
 
@@ -168,8 +167,8 @@ def excitation_stats(model: nn.Module, loader: Iterable, classes: list[str], *,
 
     order = sorted({resolution[name] for name, _ in layers}, key=lambda hw: -hw[0] * hw[1])
     result = []
+    n = counts.clamp(min=1)[:, None]
     for name, module in layers:
-        n = counts.clamp(min=1)[:, None]
         mean = sums[name] / n
         std = (squares[name] / n - mean.square()).clamp(min=0).sqrt()
         result.append(LayerExcitation(name, type(module).__name__, order.index(resolution[name]), resolution[name],

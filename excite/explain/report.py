@@ -20,6 +20,7 @@ from excite.explain.excitation import (
     replaced_gate_accuracy,
     stage_label,
 )
+from excite.inference import checkpoint_dir, eval_dataset, load_for_inference
 from excite.io import atomic_write_json
 from excite.report.html import Section, report_html
 from excite.report.plots import save_figure
@@ -82,9 +83,6 @@ def excitation_report(checkpoint_path: str | os.PathLike, data: str, *, out: str
     ``excitation.png`` (mean gate per channel and class, a few stages side by side), ``specificity.png``
     (class-specificity by depth) and ``excitation.html``. ``split`` chooses the images as
     ``excite eval`` does. Returns the JSON's content."""
-    # Imported here so that the CLI's parser does not import torch's model code up front.
-    from excite.inference import _checkpoint_dir, eval_dataset, load_for_inference
-
     if batch_size < 1:
         raise ExciteError(f"--batch-size must be at least 1, got {batch_size}")
     torch_device = select_device(device)
@@ -102,7 +100,7 @@ def excitation_report(checkpoint_path: str | os.PathLike, data: str, *, out: str
     result = {"checkpoint": str(checkpoint_path), "data": str(data), "split": split, "stages": rows,
               **stats.to_dict()}
 
-    out_dir = Path(out) if out else _checkpoint_dir(checkpoint_path) / f"excitation-{Path(str(data)).name}"
+    out_dir = Path(out) if out else checkpoint_dir(checkpoint_path) / f"excitation-{Path(str(data)).name}"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "excitation.json", result)
     plot_class_excitation(stats, out_dir / "excitation.png")

@@ -1,6 +1,8 @@
 """What every excite model shares: the forward_features / forward_head split and a swappable head."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,8 +92,6 @@ _PROBE_SIDE = 64
 
 
 def _probe_feature_info(model: ClassifierModel) -> list[dict]:
-    import copy
-
     # A copy on the meta device runs the forward with shapes only, whatever device and size the model has.
     probe_model = copy.deepcopy(model).to("meta")
     conv = next(m for m in probe_model.modules() if isinstance(m, nn.Conv2d))

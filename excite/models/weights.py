@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from excite.errors import CheckpointError
+from excite.errors import CheckpointError, first_line
 from excite.io import CHECKSUM, safe_torch_load, verify_checksum, verify_safetensors_checksum
 
 StateDict = Mapping[str, torch.Tensor]
@@ -122,7 +122,7 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str | None]
                 metadata = f.metadata() or {}
                 state = {name: f.get_tensor(name) for name in f.keys()}
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} is not a valid safetensors file ({_first_line(e)})") from None
+            raise CheckpointError(f"{path} is not a valid safetensors file ({first_line(e)})") from None
         verify_safetensors_checksum(state, metadata, path)
         try:
             model_name = json.loads(metadata.get("model_name", "null"))
@@ -135,11 +135,6 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str | None]
         verify_checksum({key: value for key, value in obj.items() if key != CHECKSUM}, obj[CHECKSUM], path)
     model_name = obj.get("model_name") if is_checkpoint else None
     return _as_state_dict(obj, str(path)), model_name if isinstance(model_name, str) else None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 #: Prefixes that wrap a whole model's names: DataParallel/DDP (``module.``), torch.compile (``_orig_mod.``) and the
