@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     except ExciteError as e:
         if args.debug:
             raise
-        print(f"excite: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # quiet: another process of a torchrun job already said it
+            print(f"excite: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("excite: interrupted", file=sys.stderr)

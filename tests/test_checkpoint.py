@@ -427,7 +427,7 @@ def test_restore_state_turns_states_that_do_not_fit_into_one_line(tmp_path):
 
 def test_a_refused_write_says_how_to_resume_only_when_there_is_a_last_pt(tmp_path):
     from excite.errors import WriteRefused
-    from excite.train.checkpoint import resume_hint_on_refused_writes
+    from excite.train.failures import resume_hint_on_refused_writes
 
     refused = WriteRefused(tmp_path / "metrics.csv", "No space left on device", errno.ENOSPC, existed=True)
     with pytest.raises(WriteRefused) as err, resume_hint_on_refused_writes(tmp_path):

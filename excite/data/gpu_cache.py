@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from excite.data.folder import cache_dir
 from excite.data.images import DEFAULT_MAX_PIXELS, ImageFileDataset, decode_image
-from excite.data.loader import drops_last_batch
+from excite.data.loader import drops_last_batch, shard
 from excite.data.transforms import CROP_PADDING, NORMALIZATION
 from excite.errors import DataError
 from excite.io import atomic_write
@@ -161,7 +161,8 @@ class CachedLoader:
                  mean: Sequence[float] = NORMALIZATION["cifar"][0],
                  std: Sequence[float] = NORMALIZATION["cifar"][1],
                  pad: int = 4, flip: bool = True, dtype: torch.dtype = torch.float32,
-                 channels_last: bool = False, drop_last: bool = False, seed: int = 0) -> None:
+                 channels_last: bool = False, drop_last: bool = False, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {batch_size}")
         if pad < 0:
@@ -176,6 +177,7 @@ class CachedLoader:
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.seed, self.epoch, self.start_batch = seed, 0, 0
+        self.rank, self.world_size = rank, world_size  # each process takes its part of every batch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Make the next iteration produce epoch ``epoch``'s batches, from batch ``start_batch`` on."""
@@ -210,7 +212,9 @@ class CachedLoader:
         plan = self.plan(self.epoch)
         first = self.start_batch * self.batch_size
         for start in range(first, first + len(self) * self.batch_size, self.batch_size):
-            part = slice(start, start + self.batch_size)
+            part = slice(*shard(start, min(start + self.batch_size, len(self.images)), self.rank, self.world_size))
+            if part.start == part.stop:  # this process's part of validation's last batch is empty
+                continue
             index = plan.order[part]
             images = self.images[index]
             if self.train:
@@ -235,17 +239,20 @@ def tensor_cache(dataset, img_size: int) -> TensorCache:
 
 
 def cached_loaders(bundle, batch_size: int, *, device: str | torch.device, hflip: bool = True,
-                   channels_last: bool = False, seed: int = 0) -> tuple[CachedLoader, CachedLoader]:
+                   channels_last: bool = False, seed: int = 0, rank: int = 0,
+                   world_size: int = 1) -> tuple[CachedLoader, CachedLoader]:
     """Training and validation loaders over a :class:`~excite.data.DataBundle` held on ``device``.
 
     They apply the bundle's preset as its per-image transforms do (padded random crop for "cifar",
     flips unless ``hflip`` is off, the preset's normalisation), but to whole batches on the device, and
-    keep or leave out the last training batch as :func:`~excite.data.loader.make_loader` does.
+    keep or leave out the last training batch and share batches among processes as
+    :func:`~excite.data.loader.make_loader` does.
     """
     mean, std = NORMALIZATION[bundle.preset]
-    common = dict(device=device, mean=mean, std=std, channels_last=channels_last, seed=seed)
+    common = dict(device=device, mean=mean, std=std, channels_last=channels_last, seed=seed, rank=rank,
+                  world_size=world_size)
     images = tensor_cache(bundle.train, bundle.img_size)
     train = CachedLoader(images, batch_size, train=True, pad=CROP_PADDING[bundle.preset], flip=hflip,
-                         drop_last=drops_last_batch(len(images), batch_size), **common)
+                         drop_last=drops_last_batch(len(images), batch_size, world_size), **common)
     val = CachedLoader(tensor_cache(bundle.val, bundle.img_size), batch_size, train=False, **common)
     return train, val

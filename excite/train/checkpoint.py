@@ -35,9 +35,8 @@ import json
 import os
 import random
 from collections import OrderedDict
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import safetensors.torch
@@ -46,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from excite.data.transforms import PRESETS
-from excite.errors import CheckpointError, UnknownModelError, WriteRefused
+from excite.errors import CheckpointError, UnknownModelError
 from excite.io import (
     CHECKSUM,
     atomic_write,
@@ -332,19 +331,6 @@ def restore_state(obj: Any, state: Any, what: str, path: str | os.PathLike) -> N
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointError(f"the {what} state in {path} does not fit this run ({_first_sentence(e)}): use the "
                               "run's other checkpoint, or start a new run") from None
-
-
-@contextmanager
-def resume_hint_on_refused_writes(run_dir: str | os.PathLike) -> Iterator[None]:
-    """Within the block, a :class:`~excite.errors.WriteRefused` (a full disk, a read-only folder) says how to
-    resume once the problem is fixed, but only when ``run_dir`` has a ``last.pt`` to resume from."""
-    try:
-        yield
-    except WriteRefused as e:
-        if not (Path(run_dir) / LAST).is_file():
-            raise
-        raise e.with_hint(f"the run continues with `excite train --resume {run_dir}` once this is fixed") \
-            from e.__cause__
 
 
 def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:

@@ -138,6 +138,9 @@ class TrainConfig:
     amp: Optional[str] = option(None, group="run", help="mixed precision")
     channels_last: bool = option(False, group="run", help="channels-last memory format")
     compile: bool = option(False, group="run", help="torch.compile the model")
+    # Under torchrun each process normalises by its own part of the batch unless this is on.
+    sync_bn: bool = option(False, group="run",
+                           help="under torchrun, batch norm statistics over all processes' images (SyncBatchNorm)")
     # Set by fit() when the run starts and kept in its config.json and checkpoints, so that a checkpoint of
     # another run copied into the directory is refused instead of resumed.
     run_id: Optional[str] = option(None, group="run", internal=True, help="the run's id, set by fit()")

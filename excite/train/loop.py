@@ -15,6 +15,9 @@ from tqdm import tqdm
 
 from excite.errors import ExciteError, NonFiniteLossError
 from excite.report.metrics import confusion_matrix
+from excite.train.distributed import Processes
+
+ONE_PROCESS = Processes()
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -113,9 +116,20 @@ class EpochProgress:
     correct: int | torch.Tensor = 0
     seconds: float = 0.0
 
-    def to_dict(self) -> dict:
-        return {"step": self.step, "seen": self.seen, "loss_sum": float(self.loss_sum),
-                "correct": int(self.correct), "seconds": self.seconds}
+    def to_dict(self, processes: Processes = ONE_PROCESS) -> dict:
+        """The progress as plain numbers; with several ``processes`` (all of which must call this at the same
+        step), the images seen, loss and hits of all of them together."""
+        seen, loss_sum, correct = self.totals(processes)
+        return {"step": self.step, "seen": seen, "loss_sum": loss_sum, "correct": correct, "seconds": self.seconds}
+
+    def totals(self, processes: Processes = ONE_PROCESS) -> tuple[int, float, int]:
+        """Images seen, loss sum and correct predictions so far, summed over ``processes``."""
+        if not processes.distributed:
+            return self.seen, float(self.loss_sum), int(self.correct)
+        device = torch.as_tensor(self.loss_sum).device
+        summed = processes.sum(torch.tensor([self.seen, float(self.loss_sum), int(self.correct)],
+                                            dtype=torch.float64, device=device)).tolist()
+        return int(summed[0]), summed[1], int(summed[2])
 
 
 def train_one_epoch(
@@ -134,6 +148,7 @@ def train_one_epoch(
     progress: Optional[EpochProgress] = None,
     after_step: Optional[Callable[[EpochProgress], bool]] = None,
     on_step: Optional[Callable[[dict], None]] = None,
+    processes: Processes = ONE_PROCESS,
 ) -> Optional[EpochStats]:
     """Train for one pass over ``loader``; the scheduler steps every batch.
 
@@ -143,6 +158,8 @@ def train_one_epoch(
     stops there and the function returns None. ``on_step``, when given, receives every step's
     ``{"epoch", "step", "lr", "loss"}`` (the learning rate that step used, the loss as a float: this reads
     the loss back from the device every step, so only loggers that want per-step values should ask).
+    Under several ``processes`` each trains on its part of every batch and the statistics returned are those
+    of all of them.
 
     Raises NonFiniteLossError on the first step whose loss is NaN or infinite, before that step
     touches the weights. (With fp16 the GradScaler may still skip steps whose *gradients* overflow;
@@ -171,35 +188,49 @@ def train_one_epoch(
             with precision.autocast():
                 logits = model(images)
                 loss = F.cross_entropy(logits.float(), loss_targets, label_smoothing=label_smoothing)
-            if not torch.isfinite(loss):
+            n = targets.shape[0]
+            batch_loss, backpropagated = loss, loss
+            if processes.distributed:
+                batch_loss, backpropagated = _whole_batch_loss(loss, n, processes)
+            if not torch.isfinite(batch_loss):  # every process sees the same batch loss, so all stop together
                 raise NonFiniteLossError(
-                    f"the training loss became {loss.item()} at epoch {epoch}, step {step + 1}; the weights were not "
-                    "updated with it. Lower --lr, add --warmup-epochs, or use --amp bf16 instead of fp16"
+                    f"the training loss became {batch_loss.item()} at epoch {epoch}, step {step + 1}; the weights were "
+                    "not updated with it. Lower --lr, add --warmup-epochs, or use --amp bf16 instead of fp16"
                 )
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
-                scaler.scale(loss).backward()
+                scaler.scale(backpropagated).backward()
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
+                backpropagated.backward()
                 optimizer.step()
             scheduler.step()
-            n = targets.shape[0]
             progress.step, progress.seen = step + 1, progress.seen + n
             progress.loss_sum += loss.detach() * n
             progress.correct += (logits.argmax(1) == targets).sum()
             progress.seconds = time.perf_counter() - begun
             if on_step is not None:
-                on_step({"epoch": epoch, "step": step + 1, "lr": lr, "loss": loss.item()})
+                on_step({"epoch": epoch, "step": step + 1, "lr": lr, "loss": batch_loss.item()})
             display.update(bar, progress, total, epoch, lr)
             if after_step is not None and after_step(progress):
                 return None
-    if progress.seen == 0:
+    seen, loss_sum, correct = progress.totals(processes)
+    if seen == 0:
         raise ExciteError("the training loader produced no batches: is the training set empty?")
     seconds = time.perf_counter() - begun
-    return EpochStats(loss=progress.loss_sum.item() / progress.seen, acc=progress.correct.item() / progress.seen,
-                      images=progress.seen, seconds=seconds)
+    return EpochStats(loss=loss_sum / seen, acc=correct / seen, images=seen, seconds=seconds)
+
+
+def _whole_batch_loss(loss: torch.Tensor, n: int, processes: Processes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean loss of the whole batch (all processes' parts), and what this process backpropagates.
+
+    DistributedDataParallel averages the processes' gradients. Weighting each process's mean loss by its share of
+    the batch makes that average the gradient of the whole batch's mean loss, as one process computes it, also
+    when the parts differ in size.
+    """
+    summed = processes.sum(torch.stack([loss.detach() * n, loss.new_tensor(float(n))]))
+    return summed[0] / summed[1], loss * (n * processes.world_size / summed[1])
 
 
 def predict_logits(model: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
@@ -221,9 +252,11 @@ def evaluate(
     *,
     tta: str = "none",
     show_progress: bool = False,
+    processes: Processes = ONE_PROCESS,
 ) -> EpochStats:
     """Loss, top-1, top-5 and the confusion matrix (rows: true class, columns: predicted) in eval mode,
-    of the logits of :func:`predict_logits` with ``tta``."""
+    of the logits of :func:`predict_logits` with ``tta``. Under several ``processes`` each evaluates its part of
+    the set and the results are those of the whole set."""
     model.eval()
     start = time.perf_counter()
     # Sums stay on the device and are read once at the end, so evaluation never waits on the GPU per batch.
@@ -239,6 +272,12 @@ def evaluate(
         top5_hits += (logits.topk(min(5, num_classes), dim=1).indices == targets[:, None]).any(1).sum()
         confusion += confusion_matrix(logits.argmax(1), targets, num_classes)
         seen += targets.shape[0]
+    if processes.distributed:  # one all-reduce of every sum; counts are exact in float64
+        summed = processes.sum(torch.cat([loss_sum.double().view(1), top5_hits.double().view(1),
+                                          loss_sum.new_tensor([seen], dtype=torch.float64),
+                                          confusion.double().flatten()]))
+        loss_sum, top5_hits, seen = summed[0], summed[1].long(), int(summed[2])
+        confusion = summed[3:].long().view(num_classes, num_classes)
     if seen == 0:
         raise ExciteError("the evaluation set is empty: use a larger --val-split or check --val-dir")
     confusion = confusion.cpu()
