@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import fnmatch
 import os
+import subprocess
 import sys
 
 from excite import __version__
@@ -91,6 +92,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     run = groups["run"]
     run.add_argument("--config", help="TOML or JSON file of options; flags override it")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="train with N processes on this machine, one per GPU (starts torchrun; --batch-size is "
+                          "their batch together)")
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
@@ -101,8 +105,30 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return values
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """``excite train --nproc N ...`` as ``torchrun --standalone --nproc-per-node N -m excite train ...``."""
+    if args.nproc < 1:
+        raise ExciteError(f"--nproc must be at least 1, got {args.nproc}")
+    if "WORLD_SIZE" in os.environ:
+        raise ExciteError("--nproc starts torchrun, but this process already runs under torchrun: drop --nproc")
+    rest, skip = [], False
+    for arg in args.argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "excite", *rest]
+    return subprocess.call(command)
+
+
+def cmd_train(args: argparse.Namespace) -> int | None:
     from excite.train.fit import fit, resume_config
+
+    if args.nproc is not None and args.nproc != 1:
+        return _launch_torchrun(args)
 
     if args.resume:
         if args.config:
@@ -342,8 +368,9 @@ def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that start excite again (--nproc)
     try:
-        args.func(args)
+        status = args.func(args)
     except ExciteError as e:
         if args.debug:
             raise
@@ -367,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         # run can resume is fit's to say (a failed write there is a WriteRefused, above), not this branch's.
         print(f"excite: error: {e.strerror or e}{where}; the files written before are intact", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

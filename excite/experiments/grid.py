@@ -21,8 +21,9 @@ from excite.train.config import TrainConfig, option_type, read_config_file, reso
 #: Options that say where and how fast runs train, not what they train: one value for the whole sweep, and free to
 #: differ between the sessions and machines that share it (a resumed run may change them too).
 OPERATIONAL = ("device", "workers", "checkpoint_minutes", "progress_seconds")
-# excite train options a sweep does not take: it names each run's directory, and continues by being run again.
-_NOT_IN_SWEEP = ("--out", "--resume")
+# excite train options a sweep does not take: it names each run's directory, continues by being run again, and runs
+# several trainings at once by being started in several processes.
+_NOT_IN_SWEEP = ("--out", "--resume", "--nproc")
 DEFAULT_SEEDS = 3  # the fewest that give a paired interval with some width to it (2 degrees of freedom)
 DEFAULT_TRIALS = 20
 SEARCH_SYNTAX = "KEY=LOW:HIGH[:log]"
