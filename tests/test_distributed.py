@@ -5,7 +5,6 @@ the top check the pieces (how batches are shared, agreement) without starting an
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
