@@ -155,10 +155,29 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from excite.inference import predict
+    if args.onnx:
+        from excite.export.onnx import predict_onnx
 
-    for path, top in predict(args.checkpoint, args.inputs, topk=args.topk, device=args.device, tta=args.tta):
+        if args.device not in ("auto", "cpu"):
+            raise ExciteError(f"--onnx runs on the CPU (onnxruntime): drop --device {args.device}")
+        predictions = predict_onnx(args.onnx, args.inputs, topk=args.topk, tta=args.tta)
+    else:
+        from excite.inference import predict
+
+        predictions = predict(args.checkpoint, args.inputs, topk=args.topk, device=args.device, tta=args.tta)
+    for path, top in predictions:
         print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from excite.export import export_run
+
+    result = export_run(args.run, out=args.out, format=args.format, opset=args.opset)
+    size = result.size / 2**20
+    print(f"Wrote {result.path} ({size:.1f} MiB, {result.format}, BatchNorm folded, any batch size at "
+          f"{result.metadata['img_size']}x{result.metadata['img_size']})")
+    print(f"Parity: the exported model's logits are within {result.max_diff:.2g} of PyTorch's (tolerance "
+          f"{result.tolerance:.2g}) on random batches of 1 and 3")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -292,12 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-k classes of images")
-    p.add_argument("--checkpoint", required=True, help="a .pt checkpoint, a .safetensors file or a run directory")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a .pt checkpoint, a .safetensors file or a run directory")
+    model.add_argument("--onnx", metavar="FILE", help="an ONNX file from `excite export`, run by onnxruntime on the "
+                                                     "CPU with the preprocessing stored in it")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tta", choices=EVAL_TTA_CHOICES, default="auto", help=TTA_HELP)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="a run's model as an ONNX file (or torch.export program), checked against "
+                                      "PyTorch")
+    p.add_argument("run", metavar="RUN", help="a run directory, or its checkpoint or weights file")
+    p.add_argument("--format", choices=("onnx", "torch-export"), default="onnx",
+                   help="onnx (for onnxruntime and other runtimes) or torch-export (a .pt2 torch.export program)")
+    p.add_argument("--out", help="the file to write (default: beside the checkpoint, e.g. best.onnx)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list model names")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'se_*'")

@@ -30,7 +30,7 @@ from excite.io import atomic_write_json
 from excite.nn.fold import fold_batchnorm
 from excite.report.metrics import classification_report
 from excite.report.plots import plot_confusion_matrix
-from excite.train.checkpoint import load_checkpoint, model_from_checkpoint
+from excite.train.checkpoint import LAST, load_checkpoint, model_from_checkpoint
 from excite.train.config import EVAL_TTA_CHOICES
 from excite.train.loop import Precision, evaluate, predict_logits
 
@@ -45,14 +45,21 @@ def load_for_inference(path: str | os.PathLike, device: torch.device, fold: bool
     the same function, fewer passes over the activations; without it, the modules are the model's own (for
     hooks on named layers).
     """
-    path = Path(path)
-    if path.is_dir():
-        # The best epoch's weights (best.safetensors, or best.pt with --save all), else the last epoch's.
-        path = next((path / name for name in ("best.pt", "best.safetensors") if (path / name).exists()), path)
+    path = resolve_checkpoint(path)
     checkpoint = load_checkpoint(path)
     model, classes = model_from_checkpoint(checkpoint, path)
     transform = build_transform(checkpoint["preset"], checkpoint["img_size"], train=False)
     return (fold_batchnorm(model) if fold else model.eval()).to(device), classes, transform, checkpoint
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The file :func:`load_for_inference` reads for ``path``: a file as it is; for a run directory its best
+    weights (``best.pt`` with --save all, or ``best.safetensors``), else its ``last.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        return next((path / name for name in ("best.pt", "best.safetensors", LAST) if (path / name).exists()),
+                    path / LAST)
+    return path
 
 
 def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: str | None = None,
@@ -71,7 +78,7 @@ def evaluate_checkpoint(checkpoint_path: str | os.PathLike, data: str, *, out: s
         raise ExciteError(f"--batch-size must be at least 1, got {batch_size}")
     torch_device = select_device(device)
     model, classes, transform, checkpoint = load_for_inference(checkpoint_path, torch_device)
-    tta = _resolve_tta(tta, checkpoint.get("config", {}))
+    tta = resolve_tta(tta, checkpoint.get("config", {}))
     dataset, split = eval_dataset(checkpoint_path, checkpoint, classes, transform, data, split=split,
                                   data_root=data_root, log=log)
     loader = make_loader(dataset, batch_size, train=False, workers=default_workers(torch_device))
@@ -137,13 +144,27 @@ def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
     searched recursively). Unreadable images are reported through ``log_error`` and skipped; when none of
     them could be read, :class:`~excite.errors.DataError` says so instead, in one line. ``tta`` as in
     :func:`evaluate_checkpoint`."""
+    check_predict_sizes(topk, batch_size)
+    torch_device = select_device(device)
+    model, classes, transform, checkpoint = load_for_inference(checkpoint_path, torch_device)
+    tta = resolve_tta(tta, checkpoint.get("config", {}))
+    yield from classify(lambda images: predict_logits(model, images.to(torch_device), tta), inputs, classes,
+                        transform, topk=topk, batch_size=batch_size, log_error=log_error)
+
+
+def check_predict_sizes(topk: int, batch_size: int) -> None:
+    """One-line errors for a ``--topk`` or ``--batch-size`` below 1."""
     if topk < 1:
         raise ExciteError(f"--topk must be at least 1, got {topk}")
     if batch_size < 1:
         raise ExciteError(f"--batch-size must be at least 1, got {batch_size}")
-    torch_device = select_device(device)
-    model, classes, transform, checkpoint = load_for_inference(checkpoint_path, torch_device)
-    tta = _resolve_tta(tta, checkpoint.get("config", {}))
+
+
+@torch.no_grad()
+def classify(logits_of, inputs: Sequence[str | os.PathLike], classes: Sequence[str], transform, *, topk: int = 3,
+             batch_size: int = 64, log_error=None) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+    """:func:`predict`'s loop for any model: ``logits_of`` maps a batch of transformed images (a CPU tensor)
+    to their logits (a tensor); images come from ``inputs`` through ``transform``, as in :func:`predict`."""
     paths = expand_inputs(inputs)
     k = min(topk, len(classes))
     skipped: list[str] = []  # held back until an image is read: if none is, the error alone says why
@@ -162,8 +183,7 @@ def predict(checkpoint_path: str | os.PathLike, inputs: Sequence[str | os.PathLi
         for problem in skipped:
             (log_error or warn)(f"skipping {problem}")
         skipped = []
-        with torch.no_grad():
-            probs = predict_logits(model, torch.stack(batch).to(torch_device), tta).softmax(1).cpu()
+        probs = logits_of(torch.stack(batch)).float().softmax(1).cpu()
         values, indices = probs.topk(k, dim=1)
         for name, vals, idxs in zip(names, values.tolist(), indices.tolist()):
             yield name, [(classes[i], v) for i, v in zip(idxs, vals)]
@@ -185,8 +205,8 @@ def _recorded_split(path: str | os.PathLike, checkpoint: dict) -> dict | None:
     return None
 
 
-def _resolve_tta(tta: str, config: dict) -> str:
-    """The test-time augmentation to use: "none" or "flip"."""
+def resolve_tta(tta: str, config: dict) -> str:
+    """The test-time augmentation to use, "none" or "flip", for ``tta`` and a run's ``config`` (for "auto")."""
     if tta not in EVAL_TTA_CHOICES:
         raise ExciteError(f"--tta {tta!r} is not valid: choose one of {', '.join(EVAL_TTA_CHOICES)}")
     if tta == "auto":
