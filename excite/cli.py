@@ -275,6 +275,13 @@ def cmd_excitation(args: argparse.Namespace) -> None:
                       device=args.device, data_root=args.data_root)
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from excite.models.convert import convert_run, how_to_load
+
+    peer, out, num_classes = convert_run(args.run, args.to, args.out)
+    print(f"Wrote {out} in {args.to}'s {peer} layout; load it with {how_to_load(args.to, peer, out, num_classes)}")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (and exit status 2), not a usage dump."""
 
@@ -379,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_excitation)
+
+    p = sub.add_parser("convert", help="write a run's weights in torchvision's or timm's layout, for their models")
+    p.add_argument("run", metavar="RUN", help="a run directory, or its checkpoint or weights file")
+    p.add_argument("--to", required=True, choices=("torchvision", "timm"), help="the library whose model loads them")
+    p.add_argument("--out", help="the file to write: .safetensors, or .pth for torch.load (default "
+                                 "<peer>-<library>.safetensors beside the checkpoint)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("compare", help="runs side by side: one table, overlaid curves and an HTML report")
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run directory, or a folder of them (a sweep)")

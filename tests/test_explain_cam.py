@@ -113,7 +113,7 @@ def test_a_target_chooses_the_class_of_the_map(trained):
 
 #: The expected default layer of each family, by the start of the model's name.
 FAMILY_LAYERS = {"resnet18_cifar": "layer4", "se_resnet18_cifar": "layer4", "resdense": "features.relu5",
-                 "dpn": "features.conv5_bn_ac", "densenet": "features.relu5", "se_densenet": "features.relu5"}
+                 "dpn": "features.conv5_bn_ac", "densenet": "features.norm5", "se_densenet": "features.norm5"}
 
 
 def expected_layer(name: str) -> str:
@@ -140,7 +140,7 @@ def test_the_default_layer_outputs_the_final_feature_map(name):
 def test_se_on_the_final_features_is_part_of_the_default_layer():
     with torch.device("meta"):
         model = create_model("se_densenet121", se_placement="final", num_classes=3)
-    assert default_target_layer(model) == "features.attn"
+    assert default_target_layer(model) == "attn"
 
 
 def test_a_layer_that_is_not_a_feature_map_is_one_line_naming_valid_ones(trained):

@@ -179,7 +179,7 @@ def test_bad_argument_values_are_one_line_value_errors(name: str):
 @pytest.mark.parametrize("placement,where", [
     ("layer", lambda name: ".denselayer" in name),
     ("block", lambda name: name.startswith("features.denseblock") and name.count(".") == 2),
-    ("final", lambda name: name == "features.attn"),
+    ("final", lambda name: name == "attn"),
 ])
 def test_se_placement(placement: str, where):
     with torch.device("meta"):

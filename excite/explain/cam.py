@@ -50,9 +50,10 @@ OCCLUSION_BATCH = 64
 def default_target_layer(model: nn.Module) -> str:
     """The dotted name of the last stage of ``model``'s feature extractor: the stage whose output is the feature
     map the head pools, the last entry of an excite model's :attr:`~excite.models.ClassifierModel.feature_info`:
-    ``layer4`` for the ImageNet ResNets (``layer3`` for the three-stage CIFAR ones), ``features.relu5`` for
-    DenseNet and ResDense (``features.attn`` with SE placed on the final features) and ``features.conv5_bn_ac``
-    for DPN. Raises a ValueError for a model without ``feature_info``: name its layer instead.
+    ``layer4`` for the ImageNet ResNets (``layer3`` for the three-stage CIFAR ones), ``features.norm5`` for
+    DenseNet (its final BatchNorm, before the ReLU, as for torchvision's ``features[-1]``; ``attn`` with SE placed
+    on the final features), ``features.relu5`` for ResDense and ``features.conv5_bn_ac`` for DPN. Raises a
+    ValueError for a model without ``feature_info``: name its layer instead.
     """
     if not hasattr(model, "feature_info"):
         raise ValueError(f"{type(model).__name__} does not list its feature stages: give the layer by name")

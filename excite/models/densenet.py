@@ -3,7 +3,11 @@
 State-dict names follow torchvision (``features.denseblock1.denselayer1.conv1.weight``), so its
 released weights load unchanged. Attention enters through ``attn_layer`` at one of three places
 (``attn_placement``): on each dense layer's new features ("layer"), on each dense block's output
-("block") or once on the final features ("final").
+("block") or once on the final features ("final", the module ``attn`` after ``features``).
+
+``features`` ends in the final BatchNorm ``norm5`` and the ReLU after it is applied in ``forward_features``, as
+in torchvision, so ``features[-1]``, ``features.norm5`` and ``features(x)`` mean what they mean there (a hook on
+``norm5`` sees the BatchNorm's output, before the ReLU).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import math
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from excite.models._base import ClassifierModel, init_weights
@@ -108,19 +113,28 @@ class DenseNet(ClassifierModel):
                 out = math.floor(channels * compression)
                 layers.append((f"transition{i + 1}", Transition(channels, out)))
                 channels = out
-        layers += [("norm5", nn.BatchNorm2d(channels)), ("relu5", nn.ReLU(inplace=True))]
-        if attn_placement == "final" and attn_layer is not None:
-            layers.append(("attn", create_attn(attn_layer, channels)))
+        # features ends in norm5, as torchvision's does, and forward_features applies the ReLU after it, so
+        # features[-1], features.norm5 and features(x) are the modules and tensor torchvision's names give.
+        layers.append(("norm5", nn.BatchNorm2d(channels)))
 
         super().__init__(num_classes, channels)
         self.features = nn.Sequential(OrderedDict(layers))
+        # Registered before the classifier: the parameters keep the order they had inside features, which an
+        # optimizer's saved state relies on when an older run resumes.
+        self.attn = create_attn(attn_layer, channels) if attn_placement == "final" and get_attn(attn_layer) else None
         self.classifier = nn.Linear(channels, num_classes)
         self.growth_rate = growth_rate
         self.drop_rate = drop_rate
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        # Not in place (torchvision's is): a hook on norm5 keeps the BatchNorm's output, not the ReLU's.
+        x = F.relu(self.features(x))
+        return x if self.attn is None else self.attn(x)
+
+    def stage_modules(self) -> list[tuple[str, nn.Module]]:
+        """The children of ``features``, then the attention on the final features when there is one."""
+        return super().stage_modules() + ([] if self.attn is None else [("attn", self.attn)])
 
 
 def _check_transitions(channels: int, growth_rate: int, block_config: tuple[int, ...], compression: float) -> None:

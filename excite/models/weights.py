@@ -28,12 +28,35 @@ WeightsSource = Union[str, os.PathLike, StateDict]
 
 # How many key names an error message or summary line shows before "...".
 _SHOW = 3
+#: The layout of excite's own older files whose names have since changed (see :func:`current_names`).
+OLD_EXCITE = "excite (before DenseNet's features ended in norm5)"
+
+#: Layouts whose names differ from excite's only by fixed parts of a name, as (theirs, excite's); a leading "^"
+#: means at the start of the name. Read by :func:`load_weights` one way, written by
+#: :func:`excite.models.convert.convert_state_dict` the other.
+NAME_PARTS: dict[str, list[tuple[str, str]]] = {
+    "timm SE-ResNet": [(".se.", ".attn.")],
+    # Before DenseNet's features ended in norm5 (as torchvision's do), SE on the final features was features.attn.
+    OLD_EXCITE: [("^features.attn.", "^attn.")],
+}
+
+
+def name_renames(layout: str, reverse: bool = False) -> list[tuple[str, str]]:
+    """``layout``'s :data:`NAME_PARTS` as ``re.sub`` (pattern, replacement) pairs: to excite's names, or from
+    them with ``reverse``."""
+    def pattern(part: str) -> str:
+        return "^" + re.escape(part[1:]) if part.startswith("^") else re.escape(part)
+
+    pairs = [(ours, theirs) if reverse else (theirs, ours) for theirs, ours in NAME_PARTS[layout]]
+    return [(pattern(old), new.lstrip("^")) for old, new in pairs]
+
 
 # (layout, test for one of its keys, renames to excite's names). Layouts not listed use excite's names.
 _LAYOUTS: list[tuple[str, re.Pattern, list[tuple[str, str]]]] = [
     ("timm legacy SENet", re.compile(r"^layer0\.|\.se_module\."),
      [(r"^layer0\.", ""), (r"\.se_module\.", ".attn."), (r"^last_linear\.", "fc.")]),
-    ("timm SE-ResNet", re.compile(r"\.se\."), [(r"\.se\.", ".attn.")]),
+    *((layout, re.compile("|".join(p for p, _ in name_renames(layout))), name_renames(layout))
+      for layout in NAME_PARTS),
     # torchvision's released DenseNet files predate its current names: "denselayer1.norm.1" is "norm1".
     ("torchvision DenseNet (release file)", re.compile(r"denselayer\d+\.(norm|relu|conv)\.[12]\."),
      [(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2.")]),
@@ -161,13 +184,21 @@ def _to_excite_names(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, tor
     """Recognise the layout from the keys and rename its keys to excite's."""
     for layout, marker, renames in _LAYOUTS:
         if any(marker.search(k) for k in state):
-            renamed = {}
-            for key, value in state.items():
-                for pattern, repl in renames:
-                    key = re.sub(pattern, repl, key)
-                renamed[key] = value
-            return layout, renamed
+            return layout, {_renamed(key, renames): value for key, value in state.items()}
     return "excite/torchvision/timm", state
+
+
+def current_names(state: StateDict) -> dict[str, torch.Tensor]:
+    """An excite state dict with the names of older excite versions renamed to today's (other names unchanged), so
+    that checkpoints written before a rename still load and resume."""
+    renames = name_renames(OLD_EXCITE)
+    return {_renamed(key, renames): value for key, value in state.items()}
+
+
+def _renamed(key: str, renames: list[tuple[str, str]]) -> str:
+    for pattern, repl in renames:
+        key = re.sub(pattern, repl, key)
+    return key
 
 
 def _reshaped(value: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:

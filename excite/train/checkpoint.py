@@ -56,6 +56,7 @@ from excite.io import (
     verify_safetensors_checksum,
 )
 from excite.models import create_model
+from excite.models.weights import current_names
 
 FORMAT = "excite-checkpoint"
 VERSION = 1
@@ -308,8 +309,9 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], origin: str | os.PathLike = "
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot build {name} with the checkpoint's arguments {kwargs} ({e}): was it "
                               "written by another excite version?") from None
-    _check_fits(model, ckpt["model"], f"{name} built with {kwargs}")
-    model.load_state_dict(ckpt["model"])
+    state = current_names(ckpt["model"])
+    _check_fits(model, state, f"{name} built with {kwargs}")
+    model.load_state_dict(state)
     outputs = getattr(model, "num_classes", None)
     if outputs is not None and len(ckpt["classes"]) != outputs:
         raise CheckpointError(f"{origin} names {len(ckpt['classes'])} classes but its model has {outputs} outputs: "
@@ -324,6 +326,7 @@ def restore_state(obj: Any, state: Any, what: str, path: str | os.PathLike) -> N
     A model's state is checked first, key by key and shape by shape, as in :func:`model_from_checkpoint`.
     """
     if isinstance(obj, nn.Module):
+        state = current_names(state)
         _check_fits(obj, state, f"{getattr(obj, 'model_name', type(obj).__name__)} as this run builds it "
                                 f"(resuming from {path})")
     try:
