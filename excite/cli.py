@@ -65,7 +65,7 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 #: ``excite train`` flags that are not options of the run itself.
-CLI_ONLY_TRAIN_FLAGS = ("config", "resume")
+CLI_ONLY_TRAIN_FLAGS = ("config", "resume", "nproc")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
