@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import IO, Any, Iterator, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from excite.errors import CheckpointError, WriteRefused
+from excite.errors import CheckpointError, WriteRefused, first_line
 
 try:
     import fcntl
@@ -308,6 +309,24 @@ def verify_safetensors_checksum(tensors: Mapping[str, torch.Tensor], metadata: M
         except json.JSONDecodeError:
             stored = None  # damaged too
         verify_checksum(_safetensors_contents(tensors, metadata), stored, path)
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a ``.safetensors`` file, its checksum verified when it has one (see
+    :func:`verify_safetensors_checksum`): the one reader of every ``.safetensors`` file excite loads. A missing,
+    truncated or foreign file is one :class:`CheckpointError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} ({first_line(e)}): it is not a valid safetensors file "
+                              "(cut short, or another format)") from None
+    verify_safetensors_checksum(tensors, metadata, path)
+    return tensors, metadata
 
 
 def _safetensors_contents(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict:

@@ -282,7 +282,7 @@ def test_export_safetensors_handles_shared_and_non_contiguous_tensors(tmp_path):
 def test_read_weights_refuses_foreign_and_broken_files(tmp_path):
     safetensors.torch.save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors", metadata={"format": "pt"})
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 5)
-    for name, message in [("foreign", "no excite metadata"), ("broken", "not a complete .safetensors"),
+    for name, message in [("foreign", "no excite metadata"), ("broken", "not a valid safetensors file"),
                           ("missing", "does not exist")]:
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(tmp_path / f"{name}.safetensors")

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Mapping, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from excite.errors import CheckpointError, first_line
-from excite.io import CHECKSUM, safe_torch_load, verify_checksum, verify_safetensors_checksum
+from excite.errors import CheckpointError
+from excite.io import CHECKSUM, read_safetensors, safe_torch_load, verify_checksum
 
 StateDict = Mapping[str, torch.Tensor]
 WeightsSource = Union[str, os.PathLike, StateDict]
@@ -140,13 +139,7 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str | None]
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                state = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} is not a valid safetensors file ({first_line(e)})") from None
-        verify_safetensors_checksum(state, metadata, path)
+        state, metadata = read_safetensors(path)
         try:
             model_name = json.loads(metadata.get("model_name", "null"))
         except json.JSONDecodeError:
@@ -239,6 +232,33 @@ def _attn_module(key: str) -> str | None:
     """The attention module that owns ``key`` (excite names every attention submodule ``attn``), or None."""
     parts = key.split(".")
     return ".".join(parts[:parts.index("attn") + 1]) if "attn" in parts else None
+
+
+def check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise one CheckpointError line unless ``state`` has exactly ``model``'s tensors: the same names, shapes and
+    kinds (floating point or not). What resuming and rebuilding a model from its own checkpoint need; weights from
+    elsewhere, which may fit in part, go through :func:`load_weights`. ``what`` names the model in the message."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    # Integers in place of floats would be converted on loading, silently: weights cast to int8 predict nothing.
+    retyped = [k for k in expected if k in state and state[k].is_floating_point() != expected[k].is_floating_point()]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (first {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} of another shape (first {k}: {tuple(state[k].shape)} in the file, "
+                        f"{tuple(expected[k].shape)} in the model)")
+    if retyped:
+        k = retyped[0]
+        problems.append(f"{len(retyped)} of another type (first {k}: {state[k].dtype} in the file, "
+                        f"{expected[k].dtype} in the model)")
+    if problems:
+        raise CheckpointError(f"the weights do not fit {what}: tensors {'; '.join(problems)}")
 
 
 def load_weights(model: nn.Module, source: WeightsSource, strict: bool = True) -> LoadReport:

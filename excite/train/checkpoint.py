@@ -41,7 +41,6 @@ from typing import Any, Mapping
 import numpy as np
 import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from excite.data.transforms import PRESETS
@@ -50,13 +49,13 @@ from excite.io import (
     CHECKSUM,
     atomic_write,
     checksum,
+    read_safetensors,
     safe_torch_load,
     safetensors_checksum,
     verify_checksum,
-    verify_safetensors_checksum,
 )
 from excite.models import create_model
-from excite.models.weights import current_names
+from excite.models.weights import check_fits, current_names
 
 FORMAT = "excite-checkpoint"
 VERSION = 1
@@ -272,17 +271,7 @@ def read_weights(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]
     Its checksum is verified (:func:`~excite.io.verify_safetensors_checksum`) and its entries checked
     (:func:`validate_checkpoint`). JSON turns tuples in ``model_kwargs`` into lists; the models take either.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    try:
-        with safe_open(path, framework="pt", device=device) as f:
-            metadata = f.metadata() or {}
-            state = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {path} ({_first_sentence(e)}): it is not a complete .safetensors "
-                              "file") from None
-    verify_safetensors_checksum(state, metadata, path)
+    state, metadata = read_safetensors(path, device)
     try:
         weights = {key: json.loads(value) for key, value in metadata.items() if key != CHECKSUM}
     except json.JSONDecodeError:
@@ -310,7 +299,7 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], origin: str | os.PathLike = "
         raise CheckpointError(f"cannot build {name} with the checkpoint's arguments {kwargs} ({e}): was it "
                               "written by another excite version?") from None
     state = current_names(ckpt["model"])
-    _check_fits(model, state, f"{name} built with {kwargs}")
+    check_fits(model, state, f"{name} built with {kwargs}")
     model.load_state_dict(state)
     outputs = getattr(model, "num_classes", None)
     if outputs is not None and len(ckpt["classes"]) != outputs:
@@ -327,34 +316,10 @@ def restore_state(obj: Any, state: Any, what: str, path: str | os.PathLike) -> N
     """
     if isinstance(obj, nn.Module):
         state = current_names(state)
-        _check_fits(obj, state, f"{getattr(obj, 'model_name', type(obj).__name__)} as this run builds it "
+        check_fits(obj, state, f"{getattr(obj, 'model_name', type(obj).__name__)} as this run builds it "
                                 f"(resuming from {path})")
     try:
         obj.load_state_dict(state)
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError) as e:
         raise CheckpointError(f"the {what} state in {path} does not fit this run ({_first_sentence(e)}): use the "
                               "run's other checkpoint, or start a new run") from None
-
-
-def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    # Integers in place of floats would be converted on loading, silently: weights cast to int8 predict nothing.
-    retyped = [k for k in expected if k in state and state[k].is_floating_point() != expected[k].is_floating_point()]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (first {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
-    if reshaped:
-        k = reshaped[0]
-        problems.append(f"{len(reshaped)} of another shape (first {k}: {tuple(state[k].shape)} in the file, "
-                        f"{tuple(expected[k].shape)} in the model)")
-    if retyped:
-        k = retyped[0]
-        problems.append(f"{len(retyped)} of another type (first {k}: {state[k].dtype} in the file, "
-                        f"{expected[k].dtype} in the model)")
-    if problems:
-        raise CheckpointError(f"the weights do not fit {what}: tensors {'; '.join(problems)}")
