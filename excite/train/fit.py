@@ -44,6 +44,7 @@ from excite.environment import describe, select_device
 from excite.errors import CheckpointError, ExciteError, NonFiniteLossError, RunInterrupted, UnknownModelError
 from excite.io import LockHeld, atomic_write_json, atomic_write_text, exclusive_lock, remove_leftover_temporaries
 from excite.models import create_model, summary
+from excite.models.pretrained import resolve_pretrained
 from excite.models.weights import load_weights
 from excite.report.loggers import LoggerGroup, build_loggers
 from excite.report.metrics import MetricsLogger, classification_report, format_epoch_line
@@ -58,6 +59,7 @@ from excite.train.checkpoint import (
     save_weights,
 )
 from excite.train.config import REQUESTED_KEY, TrainConfig
+from excite.train.finetune import apply_freeze, follow_weights
 from excite.train.loop import EpochProgress, EpochStats, Precision, ProgressDisplay, evaluate, train_one_epoch
 from excite.train.optim import build_optimizer, build_scheduler, lr_factor
 
@@ -516,11 +518,14 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         precision = Precision(device, config.amp, config.channels_last)
 
         seed_everything(config.seed)
+        # --pretrained: the file (named weights from their library's cache), whose input pipeline the run follows.
+        weights = resolve_pretrained(config.pretrained, config.model) if config.pretrained and not checkpoint else None
+        requested, config = config, follow_weights(config, weights, log)
         data = build_data(
             config.data, img_size=config.img_size, batch_size=config.batch_size, val_split=config.val_split,
             val_dir=config.val_dir, data_root=config.data_root, preset=config.preset, hflip=config.hflip,
             augment=config.augment, seed=config.seed, strict=config.strict, data_layout=config.data_layout,
-            max_pixels=config.max_pixels,
+            max_pixels=config.max_pixels, mean=config.mean, std=config.std, crop_pct=config.crop_pct,
             # A resumed run keeps the images on the side of the split they were on, whatever the folder now holds.
             recorded_split=checkpoint.get("split") if checkpoint is not None else None,
         )
@@ -529,7 +534,7 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                                   "data")
         workers = config.workers if config.workers >= 0 else default_workers(device)
         use_cache = _use_image_cache(config, data, device)
-        requested, config = config, _resolved(config, data, use_cache)
+        config = _resolved(config, data, use_cache)
         if use_cache:
             train_loader, val_loader = cached_loaders(data, data.batch_size, device=device, hflip=config.hflip,
                                                       channels_last=config.channels_last, seed=config.seed)
@@ -544,8 +549,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         except (TypeError, ValueError) as e:  # a --model-arg the builder does not take, or a value it cannot use
             raise ExciteError(f"cannot build {config.model} with --model-arg values {config.model_kwargs} ({e}); "
                               "fix or drop those --model-arg options") from None
-        if config.pretrained and checkpoint is None:
-            log(str(load_weights(model, config.pretrained, strict=False)))
+        if weights is not None:
+            log(str(load_weights(model, weights.path, strict=False)))
         model.to(device)
         _check_model_fits_data(model, config, data.img_size, data.batch_size, device)
         # Parameters and MACs of one image, so runs can be compared without building their models again.
@@ -590,7 +595,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
         log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
             f"{len(data.classes)} classes, {data.img_size}px, device {device}, run directory {run_dir}")
         preset_note = f" (--preset auto chose {data.preset})" if requested.preset == "auto" else ""
-        pipeline = describe_transform(data.preset, data.img_size, hflip=config.hflip, augment=config.augment)
+        pipeline = describe_transform(data.preset, data.img_size, hflip=config.hflip, augment=config.augment,
+                                      mean=config.mean, std=config.std, crop_pct=config.crop_pct)
         source = f"batches made on {device} from the image cache" if use_cache else f"{workers or 'no'} loader workers"
         log(f"Input{preset_note}: {pipeline}; {source}")
         if checkpoint is not None:
@@ -608,6 +614,8 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                         progress = EpochProgress(**partial["progress"])
                         restore_rng_state(partial["rng"])
                         partial = None
+                    if freeze_note := apply_freeze(model, epoch, config):  # --freeze: a function of the epoch
+                        log(freeze_note)
                     train_loader.set_epoch(epoch)
                     if progress.step > len(train_loader):  # files went missing since the mid-epoch checkpoint
                         log(f"The training set has shrunk since {run_dir / 'last.pt'} was saved at step "
