@@ -64,6 +64,16 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _freeze_epochs(text: str) -> int:
+    """``--freeze``: a number of epochs, or "all" (-1) for the whole run."""
+    if text == "all":
+        return -1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of epochs or all, got {text!r}") from None
+
+
 #: ``excite train`` flags that are not options of the run itself.
 CLI_ONLY_TRAIN_FLAGS = ("config", "resume", "nproc")
 
@@ -86,6 +96,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         elif f.name in CHOICES or f.name == "recipe":
             choices = sorted(RECIPES) if f.name == "recipe" else CHOICES[f.name]
             kwargs.update(choices=[c for c in choices if c is not None])
+        elif f.name == "freeze":
+            kwargs.update(type=_freeze_epochs, metavar="N|all")
+        elif kind is list:
+            kwargs.update(type=float, nargs=3, metavar=("R", "G", "B"))
         elif kind in (int, float):
             kwargs.update(type=kind)
         groups[meta["group"]].add_argument(flag, **kwargs)

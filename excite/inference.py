@@ -24,6 +24,7 @@ from excite.data.folder import list_files
 from excite.data.images import is_image_file
 from excite.data.loader import default_workers
 from excite.data.sources import CIFAR
+from excite.data.transforms import input_options
 from excite.environment import select_device
 from excite.errors import CheckpointError, DataError, ExciteError, first_line
 from excite.io import atomic_write_json
@@ -48,7 +49,8 @@ def load_for_inference(path: str | os.PathLike, device: torch.device, fold: bool
     path = resolve_checkpoint(path)
     checkpoint = load_checkpoint(path)
     model, classes = model_from_checkpoint(checkpoint, path)
-    transform = build_transform(checkpoint["preset"], checkpoint["img_size"], train=False)
+    transform = build_transform(checkpoint["preset"], checkpoint["img_size"], train=False,
+                                **input_options(checkpoint.get("config", {})))
     return (fold_batchnorm(model) if fold else model.eval()).to(device), classes, transform, checkpoint
 
 
@@ -114,7 +116,7 @@ def eval_dataset(checkpoint_path: str | os.PathLike, checkpoint: dict, classes: 
     data_root = data_root or config.get("data_root")
     if split == "test":
         dataset = cifar_test_set(data, img_size=checkpoint["img_size"], preset=checkpoint["preset"],
-                                 data_root=data_root)
+                                 data_root=data_root, **input_options(config))
         data_classes = dataset.classes
     elif split == "val":
         bundle = build_data(data, img_size=checkpoint["img_size"], batch_size=1, preset=checkpoint["preset"],
@@ -122,7 +124,7 @@ def eval_dataset(checkpoint_path: str | os.PathLike, checkpoint: dict, classes: 
                             val_split=config.get("val_split", 0.2), val_dir=config.get("val_dir"),
                             seed=config.get("seed", 0), data_root=data_root,
                             data_layout=config.get("data_layout", "auto"),
-                            max_pixels=config.get("max_pixels", DEFAULT_MAX_PIXELS))
+                            max_pixels=config.get("max_pixels", DEFAULT_MAX_PIXELS), **input_options(config))
         dataset, data_classes = bundle.val, bundle.classes
     else:
         train_root, val_root, _ = resolve_layout(data, config.get("data_layout", "auto"))

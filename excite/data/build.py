@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,13 +41,19 @@ class DataBundle:
     batch_size: int = 1
     notes: list[str] = field(default_factory=list)
     split: dict[str, list[str]] = field(default_factory=dict)
+    # What refines the preset (see excite.data.transforms.INPUT_OPTIONS); None: the preset's own.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    crop_pct: float | None = None
 
 
 def build_data(source: str | os.PathLike, *, img_size: int | None = None, batch_size: int, val_split: float = 0.2,
                val_dir: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
                preset: str = "auto", hflip: bool = True, augment: str | None = None, seed: int = 0,
                strict: bool = False, download: bool = True, data_layout: str = "auto",
-               max_pixels: int = DEFAULT_MAX_PIXELS, recorded_split: dict[str, list[str]] | None = None) -> DataBundle:
+               max_pixels: int = DEFAULT_MAX_PIXELS, recorded_split: dict[str, list[str]] | None = None,
+               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+               crop_pct: float | None = None) -> DataBundle:
     """Load ``source``: "digits", "cifar10", "cifar100" or the path of an image folder ``root/<class>/<image>``.
 
     A folder is scanned (see :func:`scan_folder`; images of more than ``max_pixels`` pixels are skipped) and
@@ -58,7 +64,8 @@ def build_data(source: str | os.PathLike, *, img_size: int | None = None, batch_
     :func:`cifar_test_set`) and lives in ``data_root`` (default: the excite cache), downloaded there when
     missing if ``download``. ``preset`` "auto" picks "cifar" for CIFAR and for folders of images at
     most 64 pixels a side, "imagenet" otherwise; ``img_size`` None picks 32 for "cifar", 224 otherwise.
-    ``hflip`` and ``augment`` ("trivialaugment", "randaugment") set the training augmentation. Get loaders
+    ``hflip`` and ``augment`` ("trivialaugment", "randaugment") set the training augmentation; ``mean``, ``std``
+    and ``crop_pct`` refine the preset (see :func:`~excite.data.transforms.build_transform`). Get loaders
     with :func:`~excite.data.loader.make_loader` at the bundle's ``batch_size``.
 
     ``recorded_split`` (an earlier bundle's ``split``) keeps each image on the side it was on: images it does
@@ -68,6 +75,7 @@ def build_data(source: str | os.PathLike, *, img_size: int | None = None, batch_
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     name = str(source)
     notes: list[str] = []
+    refine = dict(mean=mean, std=std, crop_pct=crop_pct)
     if name in CIFAR:
         if val_dir is not None:
             raise DataError(f"--val-dir cannot be used with {name}: its validation images are held out of its "
@@ -82,8 +90,8 @@ def build_data(source: str | os.PathLike, *, img_size: int | None = None, batch_
         else:
             train_part, val_part = _keep_recorded(samples, recorded_split, notes)
         train = CifarImages(cifar, [i for i, _ in train_part],
-                            build_transform(preset, img_size, train=True, hflip=hflip, augment=augment))
-        val = CifarImages(cifar, [i for i, _ in val_part], build_transform(preset, img_size, train=False))
+                            build_transform(preset, img_size, train=True, hflip=hflip, augment=augment, **refine))
+        val = CifarImages(cifar, [i for i, _ in val_part], build_transform(preset, img_size, train=False, **refine))
         classes, report = list(cifar.classes), ScanReport()
     else:
         root = digits_folder() if name == "digits" else source
@@ -127,8 +135,9 @@ def build_data(source: str | os.PathLike, *, img_size: int | None = None, batch_
         img_size = img_size or _default_img_size(preset)
         classes = scan.classes
         train = ImageFileDataset(train_part, classes, max_pixels=max_pixels,
-                                 transform=build_transform(preset, img_size, train=True, hflip=hflip, augment=augment))
-        val = ImageFileDataset(val_part, classes, build_transform(preset, img_size, train=False),
+                                 transform=build_transform(preset, img_size, train=True, hflip=hflip, augment=augment,
+                                                           **refine))
+        val = ImageFileDataset(val_part, classes, build_transform(preset, img_size, train=False, **refine),
                                max_pixels=max_pixels)
     key_of = {sample: key for key, sample in samples.items()}
     split = {"train": [key_of[s] for s in train_part], "val": [key_of[s] for s in val_part]}
@@ -139,7 +148,8 @@ def build_data(source: str | os.PathLike, *, img_size: int | None = None, batch_
     if drops_last_batch(len(train), batch_size):
         notes.append(f"The last batch of 1 image is left out of each epoch ({len(train)} training images in batches "
                      f"of {batch_size}): batch norm cannot train on one image; it is another image each epoch")
-    return DataBundle(train, val, classes, preset, img_size, report, batch_size, notes, split)
+    return DataBundle(train, val, classes, preset, img_size, report, batch_size, notes, split,
+                      tuple(mean) if mean is not None else None, tuple(std) if std is not None else None, crop_pct)
 
 
 def _keyed(scan: FolderScan, prefix: str) -> dict[str, tuple[str, int]]:
@@ -190,7 +200,9 @@ def cifar_root(data_root: str | os.PathLike | None) -> Path:
 
 
 def cifar_test_set(name: str, *, img_size: int, preset: str = "cifar", data_root: str | os.PathLike | None = None,
-                   download: bool = True) -> CifarImages:
+                   download: bool = True, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   crop_pct: float | None = None) -> CifarImages:
     """The official test set of "cifar10" or "cifar100" with the evaluation transform, for a final measurement."""
     source = load_cifar(name, cifar_root(data_root), train=False, download=download)
-    return CifarImages(source, range(len(source.targets)), build_transform(preset, img_size, train=False))
+    transform = build_transform(preset, img_size, train=False, mean=mean, std=std, crop_pct=crop_pct)
+    return CifarImages(source, range(len(source.targets)), transform)

@@ -27,7 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 from excite.data.folder import cache_dir
 from excite.data.images import DEFAULT_MAX_PIXELS, ImageFileDataset, decode_image
 from excite.data.loader import drops_last_batch, shard
-from excite.data.transforms import CROP_PADDING, NORMALIZATION
+from excite.data.transforms import CROP_PADDING, NORMALIZATION, normalization
 from excite.errors import DataError
 from excite.io import atomic_write
 
@@ -248,7 +248,10 @@ def cached_loaders(bundle, batch_size: int, *, device: str | torch.device, hflip
     keep or leave out the last training batch and share batches among processes as
     :func:`~excite.data.loader.make_loader` does.
     """
-    mean, std = NORMALIZATION[bundle.preset]
+    if bundle.crop_pct is not None:
+        raise DataError("the image cache resizes whole images and cannot crop them as --crop-pct asks: drop "
+                        "--cache-images (or --crop-pct)")
+    mean, std = normalization(bundle.preset, bundle.mean, bundle.std)
     common = dict(device=device, mean=mean, std=std, channels_last=channels_last, seed=seed, rank=rank,
                   world_size=world_size)
     images = tensor_cache(bundle.train, bundle.img_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import os
 from typing import Callable
 
 from torch import nn
@@ -53,18 +54,23 @@ def create_model(name: str, pretrained=None, **kwargs) -> nn.Module:
     Keyword arguments go to the builder: every model accepts ``num_classes``, ``in_chans`` and
     ``drop_rate``, and each family adds its own (``growth_rate``, ``attn_layer``...). The model
     remembers ``model_name`` and ``model_kwargs`` so that a checkpoint can rebuild it.
-    ``pretrained`` is a weights file or a state dict, loaded with :func:`~excite.models.load_weights` (a
-    classifier of another size and attention layers the weights lack start fresh, with a warning);
-    ``True`` raises a ValueError, as weights are not yet found by the model's name.
+    ``pretrained`` is a state dict or what ``excite train --pretrained`` takes: a weights file, a URL,
+    ``"torchvision"``, a torchvision weights name (``"IMAGENET1K_V1"``, ``"ResNet50_Weights.IMAGENET1K_V2"``) or
+    ``"timm:NAME[.TAG]"`` (see :func:`~excite.models.pretrained.resolve_pretrained`: named weights come from their
+    library's cache, fetched once). It is loaded with :func:`~excite.models.load_weights` (a classifier of another
+    size and attention layers the weights lack start fresh, with a warning); ``True`` raises a ValueError, as it
+    does not say which weights.
     """
     if pretrained is True:
-        raise ValueError(f"pretrained=True cannot say which weights to load into {name}: pass a weights file "
-                         "(excite, torchvision or timm layout) or a state dict")
+        raise ValueError(f"pretrained=True cannot say which weights to load into {name}: pass a weights file, a URL, "
+                         "'torchvision', a torchvision weights name (IMAGENET1K_V1), 'timm:NAME' or a state dict")
     model = get_model_builder(name)(**kwargs)
+    model.model_name = name  # before loading, so that load_weights' warnings name the model
+    model.model_kwargs = dict(kwargs)
     if pretrained is not None and pretrained is not False:
+        from excite.models.pretrained import resolve_pretrained
         from excite.models.weights import load_weights
 
-        load_weights(model, pretrained)
-    model.model_name = name
-    model.model_kwargs = dict(kwargs)
+        named = isinstance(pretrained, (str, os.PathLike))
+        load_weights(model, resolve_pretrained(pretrained, name).path if named else pretrained)
     return model

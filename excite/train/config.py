@@ -67,8 +67,16 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = option(
         factory=dict, group="model", flag="--model-arg",
         help="builder override, e.g. growth_rate=12 or block_config=[4,4,4] (repeatable)")
-    pretrained: Optional[str] = option(None, group="model",
-                                       help="weights file to start from (excite, torchvision or timm layout)")
+    pretrained: Optional[str] = option(
+        None, group="model",
+        help="weights to start from: a file (excite, torchvision or timm layout), a URL, torchvision (the default "
+             "torchvision weights of the model), a torchvision weights name (IMAGENET1K_V1, "
+             "ResNet50_Weights.IMAGENET1K_V2) or timm:NAME[.TAG] (e.g. timm:seresnet50.a1_in1k); named weights "
+             "also set --mean, --std, --crop-pct and --img-size unless --preset or --img-size is given")
+    # 0: nothing frozen; N: the first N epochs train the classifier alone; -1 (or "all" as a flag): the whole run.
+    freeze: int = option(0, group="model",
+                         help="train only the classifier for the first N epochs, then everything; -1 or all: for "
+                              "the whole run (the frozen layers' BatchNorm statistics stay as loaded)")
 
     data: str = option("digits", group="data",
                        help="image folder (one subfolder per class), or cifar10, cifar100, digits")
@@ -85,6 +93,14 @@ class TrainConfig:
     preset: str = option("auto", group="data",
                          help="input pipeline: imagenet (resize, ImageNet statistics), cifar (pad-crop, CIFAR "
                               "statistics), plain (resize, no normalisation); auto: cifar for images up to 64 px")
+    mean: Optional[list[float]] = option(
+        None, group="data", help="per-channel mean (R G B) to normalise with instead of the preset's")
+    std: Optional[list[float]] = option(
+        None, group="data", help="per-channel std (R G B) to normalise with instead of the preset's")
+    crop_pct: Optional[float] = option(
+        None, group="data",
+        help="resize the shorter side to img-size/crop-pct and crop img-size square (the centre for validation) "
+             "instead of resizing to img-size")
     # Off for data where a mirror image changes the class (digits, text).
     hflip: bool = option(True, group="data", help="random horizontal flips of training images (default on)")
     augment: Optional[str] = option(None, group="data", help="extra per-image augmentation")
@@ -113,6 +129,8 @@ class TrainConfig:
     sched: str = option("cosine", group="optimisation", help="learning-rate schedule, stepped every batch")
     step_size: int = option(5, group="optimisation", help="epochs between decays with --sched step (default 5)")
     gamma: float = option(0.1, group="optimisation", help="decay factor with --sched step (default 0.1)")
+    head_lr_mult: float = option(1.0, group="optimisation",
+                                 help="the classifier's learning rate is --lr times this (default 1)")
     warmup_epochs: float = option(0.0, group="optimisation", help="linear warm-up, in epochs (fractions allowed)")
     label_smoothing: float = option(0.0, group="optimisation", help="label smoothing of the loss (default 0)")
     # "flip" averages each image's logits with its mirror image's, in validation and in eval/predict of the run.
@@ -177,6 +195,15 @@ class TrainConfig:
             (0 <= self.seed < 2**63, f"--seed must be a whole number from 0 to 2**63-1, got {self.seed}"),
             (self.workers >= -1, f"--workers must be 0 or more (or -1 for the default), got {self.workers}"),
             (self.max_pixels >= 1, f"--max-pixels must be at least 1, got {self.max_pixels}"),
+            (self.freeze >= -1, f"--freeze must be a number of epochs, or -1 (all) for the whole run, got "
+                                f"{self.freeze}"),
+            (self.freeze < self.epochs, f"--freeze {self.freeze} covers all {self.epochs} epochs: use --freeze all "
+                                        "(-1) to train the classifier alone for the whole run"),
+            (self.head_lr_mult > 0, f"--head-lr-mult must be positive, got {self.head_lr_mult}"),
+            (self.crop_pct is None or 0 < self.crop_pct <= 1, f"--crop-pct must be in (0, 1], got {self.crop_pct}"),
+            (not (self.crop_pct and self.cache_images), "--cache-images resizes whole images and cannot crop them "
+                                                        "as --crop-pct asks: drop one of them"),
+            (self.std is None or all(v > 0 for v in self.std), f"--std must be positive, got {self.std}"),
             (self.tta != "flip" or self.hflip, "--tta flip needs --hflip: a model that never saw mirrored "
                                                "images should not be judged on them; add --tta none"),
         ]
@@ -245,6 +272,10 @@ def _check_type(name: str, value: Any) -> None:
             raise ExciteError(f"{_flag(name)} must be a finite number, got {value}")
     elif origin is str:
         ok, what = isinstance(value, str), "a string"
+    elif origin is list:  # the per-channel mean and std
+        ok, what = (isinstance(value, list) and len(value) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value),
+            "three finite numbers (R G B)")
     elif origin is dict:
         ok, what = isinstance(value, dict) and all(isinstance(k, str) for k in value), "a table of KEY = VALUE"
     else:  # pragma: no cover - a new field of a type this function does not know yet

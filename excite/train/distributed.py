@@ -186,11 +186,17 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def for_training(model: nn.Module, place: Processes, device: torch.device, sync_bn: bool) -> nn.Module:
+def for_training(model: nn.Module, place: Processes, device: torch.device, sync_bn: bool,
+                 freezes: bool = False) -> nn.Module:
     """What the training step calls: ``model`` itself in one process; under several, ``model`` wrapped in
-    DistributedDataParallel, which averages the gradients of all processes in the backward pass."""
+    DistributedDataParallel, which averages the gradients of all processes in the backward pass. ``freezes``: the
+    session will train epochs with a frozen backbone, which DDP cannot follow."""
     if not place.distributed:
         return model
+    if freezes:
+        # DDP fixes the parameters it averages when it wraps the model; --freeze changes them during the run.
+        raise ExciteError("--freeze does not work under torchrun yet: train the frozen epochs in one process, then "
+                          "resume the run under torchrun (--nproc N)")
     if sync_bn:
         sync_batchnorm(model, device)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

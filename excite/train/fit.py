@@ -33,12 +33,14 @@ from excite.data.transforms import describe_transform
 from excite.environment import select_device
 from excite.errors import CheckpointError, ExciteError, UnknownModelError
 from excite.models import create_model, summary
+from excite.models.pretrained import PretrainedWeights, resolve_pretrained
 from excite.models.weights import load_weights
 from excite.report.loggers import build_loggers
 from excite.train.checkpoint import LAST, restore_rng_state
 from excite.train.config import TrainConfig
 from excite.train.distributed import Processes, for_training, processes
 from excite.train.failures import resume_hint, resume_hint_on_refused_writes, training_failures
+from excite.train.finetune import apply_freeze, follow_weights, is_frozen
 from excite.train.loaders import build_loaders
 from excite.train.loop import EpochProgress, Precision, ProgressDisplay, evaluate, train_one_epoch
 from excite.train.optim import build_optimizer, build_scheduler, lr_factor
@@ -141,7 +143,7 @@ def _data(config: TrainConfig, checkpoint: dict | None, run_dir: Path) -> DataBu
         config.data, img_size=config.img_size, batch_size=config.batch_size, val_split=config.val_split,
         val_dir=config.val_dir, data_root=config.data_root, preset=config.preset, hflip=config.hflip,
         augment=config.augment, seed=config.seed, strict=config.strict, data_layout=config.data_layout,
-        max_pixels=config.max_pixels,
+        max_pixels=config.max_pixels, mean=config.mean, std=config.std, crop_pct=config.crop_pct,
         # A resumed run keeps the images on the side of the split they were on, whatever the folder now holds.
         recorded_split=checkpoint.get("split") if checkpoint is not None else None,
     )
@@ -150,10 +152,20 @@ def _data(config: TrainConfig, checkpoint: dict | None, run_dir: Path) -> DataBu
     return data
 
 
-def _model(config: TrainConfig, data: DataBundle, device: torch.device, *, pretrained: bool,
+def _pretrained(config: TrainConfig, checkpoint: dict | None, place: Processes) -> PretrainedWeights | None:
+    """The weights --pretrained names, fetched into their library's cache by process 0 first (the others then find
+    them there); None on a resume, which continues from its own checkpoint."""
+    if not config.pretrained or checkpoint is not None:
+        return None
+    weights = resolve_pretrained(config.pretrained, config.model) if place.is_main else None
+    place.share(None)  # the others wait for process 0's download
+    return weights or resolve_pretrained(config.pretrained, config.model)
+
+
+def _model(config: TrainConfig, data: DataBundle, device: torch.device, weights: PretrainedWeights | None,
            log: Callable[[str], None]) -> torch.nn.Module:
-    """The model of ``config`` for ``data`` on ``device`` (with ``config.pretrained``'s weights when ``pretrained``),
-    checked to train on the data's images."""
+    """The model of ``config`` for ``data`` on ``device``, starting from ``weights`` if any, checked to train on
+    the data's images."""
     try:
         model = create_model(config.model, num_classes=len(data.classes), **config.model_kwargs)
     except UnknownModelError as e:  # its message already lists the close matches
@@ -161,8 +173,8 @@ def _model(config: TrainConfig, data: DataBundle, device: torch.device, *, pretr
     except (TypeError, ValueError) as e:  # a --model-arg the builder does not take, or a value it cannot use
         raise ExciteError(f"cannot build {config.model} with --model-arg values {config.model_kwargs} ({e}); "
                           "fix or drop those --model-arg options") from None
-    if pretrained and config.pretrained:
-        log(str(load_weights(model, config.pretrained, strict=False)))
+    if weights is not None:
+        log(str(load_weights(model, weights.path, strict=False)))
     model.to(device)
     _check_model_fits_data(model, config, data.img_size, data.batch_size, device)
     return model
@@ -209,10 +221,12 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, place: Process
     device = place.device(device)
     precision = _precision(config, device)
     seed_everything(config.seed)
+    weights = _pretrained(config, checkpoint, place)
+    requested, config = config, follow_weights(config, weights, log)  # the weights' input pipeline
     data = _data(config, checkpoint, directory.path)
     loaders = build_loaders(config, data, device, place)
-    requested, config = config, _resolved(config, data, loaders.cached)
-    model = _model(config, data, device, pretrained=checkpoint is None, log=log)
+    config = _resolved(config, data, loaders.cached)
+    model = _model(config, data, device, weights, log)
     size = {**summary(model, img_size=data.img_size, device=device).to_dict(), "model_kwargs": model.model_kwargs}
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -221,7 +235,8 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, place: Process
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
     run = Run(config, directory, data, model, optimizer, scheduler, scaler, log, len(loaders.train), place)
     start_epoch, partial = run.restore(checkpoint) if checkpoint is not None else (1, None)
-    train_model = for_training(model, place, device, config.sync_bn)
+    freezes = any(is_frozen(epoch, config) for epoch in range(start_epoch, config.epochs + 1))
+    train_model = for_training(model, place, device, config.sync_bn, freezes)
     train_model = torch.compile(train_model) if config.compile else train_model
 
     directory.create()
@@ -246,6 +261,8 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, place: Process
                 progress = run.resumed_progress(partial)
                 restore_rng_state(partial["rng"])
                 partial = None
+            if freeze_note := apply_freeze(model, epoch, config):  # --freeze: a function of the epoch
+                log(freeze_note)
             loaders.train.set_epoch(epoch)
             if progress.step > len(loaders.train):  # files went missing since the mid-epoch checkpoint
                 log(f"The training set has shrunk since {directory.path / LAST} was saved at step {progress.step} "
@@ -286,7 +303,8 @@ def _log_header(log: Callable[[str], None], config: TrainConfig, requested: Trai
     log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
         f"{len(data.classes)} classes, {data.img_size}px, {where}, run directory {run_dir}")
     preset_note = f" (--preset auto chose {data.preset})" if requested.preset == "auto" else ""
-    pipeline = describe_transform(data.preset, data.img_size, hflip=config.hflip, augment=config.augment)
+    pipeline = describe_transform(data.preset, data.img_size, hflip=config.hflip, augment=config.augment,
+                                  mean=config.mean, std=config.std, crop_pct=config.crop_pct)
     batches = f"; batch {data.batch_size} = {place.world_size} x {data.batch_size // place.world_size}" \
         if place.distributed else ""
     log(f"Input{preset_note}: {pipeline}; {source}{batches}")

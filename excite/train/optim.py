@@ -7,19 +7,14 @@ import torch
 from torch import nn
 
 from excite.train.config import TrainConfig
+from excite.train.finetune import param_groups
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW over all parameters; BatchNorm and bias parameters get no weight decay."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            # Decaying BN scales and biases only shrinks them toward zero without regularising capacity.
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """SGD / Adam / AdamW over all parameters, in :func:`~excite.train.finetune.param_groups`: BatchNorm and bias
+    parameters get no weight decay, the classifier's learn at ``lr * head_lr_mult``. The per-step schedule
+    (LambdaLR) multiplies each group's own initial rate, so the classifier keeps its multiple throughout."""
+    groups = param_groups(model, config)
     if config.opt == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     if config.opt == "adam":
