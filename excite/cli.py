@@ -427,7 +427,8 @@ def _out_of_memory_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that start excite again (--nproc)
+    if args.command == "train":  # --nproc starts `excite train` again under torchrun, with these arguments
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         status = args.func(args)
     except ExciteError as e:
