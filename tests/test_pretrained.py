@@ -166,9 +166,15 @@ def _train(image_folder, run, *flags) -> int:
                  "--batch-size", "12", "--workers", "0", "--progress-seconds", "0", *flags])
 
 
-def test_named_weights_set_the_runs_normalisation_and_crop_and_eval_uses_them(caches, image_folder, tmp_path, capsys):
+@pytest.fixture
+def resnet18_weights(caches):
+    """torchvision's ResNet18_Weights.IMAGENET1K_V1 file (random values) in the prepared torch.hub cache."""
     put_torchvision_file(caches, torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
                          torchvision.models.resnet18().state_dict())
+
+
+def test_named_weights_set_the_runs_normalisation_and_crop_and_eval_uses_them(resnet18_weights, image_folder, tmp_path,
+                                                                              capsys):
     run = tmp_path / "run"
     # --img-size keeps the test fast; the weights' normalisation and crop still apply.
     with pytest.warns(UserWarning, match="classifier left at its initial values"):
@@ -190,9 +196,8 @@ def test_named_weights_set_the_runs_normalisation_and_crop_and_eval_uses_them(ca
     assert steps["Normalize"].mean == IMAGENET_MEAN and steps["Normalize"].std == IMAGENET_STD
 
 
-def test_an_explicit_cifar_preset_on_imagenet_weights_is_kept_with_a_warning(caches, image_folder, tmp_path, capsys):
-    put_torchvision_file(caches, torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-                         torchvision.models.resnet18().state_dict())
+def test_an_explicit_cifar_preset_on_imagenet_weights_is_kept_with_a_warning(resnet18_weights, image_folder, tmp_path,
+                                                                            capsys):
     run = tmp_path / "run"
     with pytest.warns(UserWarning, match="classifier left at its initial values"):
         assert _train(image_folder, run, "--pretrained", "IMAGENET1K_V1", "--preset", "cifar") == 0
