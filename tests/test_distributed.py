@@ -67,7 +67,9 @@ torch.manual_seed(0)
 images, labels = torch.randn(7, 3, 16, 16), torch.randint(0, 3, (7,))
 model = create_model("resnet20_cifar", num_classes=3, widths=[4, 8, 8])
 device = torch.device("cpu")
-with processes(device) as place:
+
+
+def one_step(place):  # a function, so that the DDP wrapper is gone before the process group is
     loader = make_loader(TensorDataset(images, labels), 7, train=True, seed=1, rank=place.rank,
                          world_size=place.world_size)
     loader.set_epoch(1)
@@ -75,6 +77,10 @@ with processes(device) as place:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     train_one_epoch(trained, loader, optimizer, scheduler, Precision(device), epoch=1, processes=place)
+
+
+with processes(device) as place:
+    one_step(place)
     if place.is_main:
         torch.save(model.state_dict(), os.environ["OUT"])
 """

@@ -131,6 +131,7 @@ def processes(device: torch.device) -> Iterator[Processes]:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield place
+        dist.barrier()  # no process leaves while another still has a collective in flight
     finally:
         dist.destroy_process_group()
 

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import random
 import sys
+import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,10 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                         show_progress if place.is_main else False, on_step, extra_loggers)
         except ExciteError as e:
             e.quiet = getattr(e, "quiet", False) or not place.is_main  # process 0 says it for all
+            if place.distributed:
+                # The error's frames would keep the DDP model alive past the process group, and gloo's threads abort
+                # the process when it is freed at exit; the traceback itself stays for --debug.
+                traceback.clear_frames(e.__traceback__)
             raise
 
 
