@@ -13,7 +13,6 @@ import ast
 import dataclasses
 import fnmatch
 import os
-import subprocess
 import sys
 
 from excite import __version__
@@ -120,7 +119,8 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
-    """``excite train --nproc N ...`` as ``torchrun --standalone --nproc-per-node N -m excite train ...``."""
+    """``excite train --nproc N ...`` as ``torchrun --standalone --nproc-per-node N -m excite train ...``, with torchrun
+    running in this process: a process that fails ends this one with its exit status, not torchrun's traceback."""
     if args.nproc < 1:
         raise ExciteError(f"--nproc must be at least 1, got {args.nproc}")
     if "WORLD_SIZE" in os.environ:
@@ -133,9 +133,22 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         skip = arg == "--nproc"
         if not skip:
             rest.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "excite", *rest]
-    return subprocess.call(command)
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # The processes print what went wrong themselves (process 0 for all); torchrun's own report of it is noise.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "excite", *rest]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode in (ExciteError.exit_code, 130):  # a one-line error or Ctrl-C, already reported
+            return failure.exitcode
+        raise ExciteError(f"process {rank} of {args.nproc} ended with exit status {failure.exitcode}; its output "
+                          "above says why") from None
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int | None:

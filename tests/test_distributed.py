@@ -252,3 +252,13 @@ def test_nproc_and_batch_size_errors_are_one_line(folder, tmp_path, capsys, monk
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(train_args(folder, tmp_path / "b", nproc=2)) == 2
     assert "already runs under torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_error_under_nproc_is_one_line_said_once(folder, tmp_path):
+    # A learning rate this large makes the loss NaN in the first steps, in both processes at the same step.
+    failed = subprocess.run([sys.executable, "-m", "excite", *train_args(folder, tmp_path / "run", nproc=2, lr=1e30)],
+                            env=env(), capture_output=True, text=True, timeout=600, check=False)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("excite: error: the training loss became nan"), failed.stderr

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import random
 import sys
+import time
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -214,6 +215,10 @@ def fit(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None]
                 # The error's frames would keep the DDP model alive past the process group, and gloo's threads abort
                 # the process when it is freed at exit; the traceback itself stays for --debug.
                 traceback.clear_frames(e.__traceback__)
+                if not place.is_main:
+                    # Every process meets the error at the same step; torchrun stops the others as soon as one ends,
+                    # so process 0, which reports it, gets a moment to do so.
+                    time.sleep(2)
             raise
 
 
