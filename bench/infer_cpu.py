@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from excite.bench import time_steps, usable_cores
 from excite.environment import device_name, versions
 from excite.export import export_program
 from excite.export.onnx import require, to_onnx
@@ -42,10 +41,6 @@ def _key_value(text: str) -> tuple[str, object]:
         return key, value
 
 
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _onnx_session(model: torch.nn.Module, img_size: int, name: str, threads: int):
     import onnxruntime
 
@@ -57,20 +52,11 @@ def _onnx_session(model: torch.nn.Module, img_size: int, name: str, threads: int
     return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def _time(call, iters: int) -> list[float]:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def measure(model_name: str, model_kwargs: dict, *, num_classes: int = 1000, img_size: int = 224, batch_size: int = 8,
             threads: int | None = None, warmup: int = 3, iters: int = 5, repeats: int = 5, seed: int = 0) -> dict:
     """Time eager, folded and onnxruntime inference of one model on one random batch; a JSON-ready dict."""
     require()
-    threads = threads or _usable_cores()
+    threads = threads or usable_cores()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes=num_classes, **model_kwargs).eval()
@@ -99,7 +85,7 @@ def measure(model_name: str, model_kwargs: dict, *, num_classes: int = 1000, img
     times: dict[str, list[float]] = {impl: [] for impl in names}
     for r in range(repeats):
         for impl in names[r % len(names):] + names[:r % len(names)]:  # each leads a round in turn
-            times[impl] += _time(calls[impl], iters)
+            times[impl] += time_steps(calls[impl], iters, torch.device("cpu"))
     results = {}
     for impl in names:
         median = statistics.median(times[impl])

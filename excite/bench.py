@@ -117,11 +117,12 @@ def _candidates(model_name: str, num_classes: int, modes: Sequence[str], peers: 
     return candidates
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _time_steps(step: Callable[[], None], iters: int, device: torch.device) -> list[float]:
+def time_steps(step: Callable[[], None], iters: int, device: torch.device) -> list[float]:
     """Seconds each of ``iters`` calls of ``step`` took."""
     if device.type == "cuda":
         # Events time the GPU's own timeline without stalling the queue between steps.
@@ -256,7 +257,7 @@ def benchmark(
                           "with at least 2 timed steps in all")
     dev = select_device(device, allow_mps=False)  # the timing and memory code knows CPU and CUDA
     if threads is not None or dev.type == "cpu":
-        torch.set_num_threads(threads or _usable_cores())
+        torch.set_num_threads(threads or usable_cores())
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the fastest kernels for this fixed shape, for every candidate
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -276,7 +277,7 @@ def benchmark(
         times: dict[str, list[float]] = {c.impl: [] for c in measured}
         for r in range(repeats):
             for c in measured[r % len(measured):] + measured[:r % len(measured)]:  # each leads a round
-                times[c.impl] += _time_steps(steps[c.impl], iters, dev)
+                times[c.impl] += time_steps(steps[c.impl], iters, dev)
         for c in measured:
             results[c.impl][m] = _summary(times[c.impl], batch_size, _step_memory(steps[c.impl], dev))
 

@@ -91,17 +91,13 @@ def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
 
 
-def train_args(data: Path, out: Path, **overrides) -> list[str]:
-    values = {**TINY, "data": data, "out": out, **overrides}
-    args = ["train"]
-    for key, value in values.items():
-        if key == "model_kwargs":
-            args += [arg for k, v in value.items() for arg in ("--model-arg", f"{k}={v}")]
-        elif value is True:
-            args.append(f"--{key.replace('_', '-')}")
-        else:
-            args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
+def train_args(data: Path, out: Path, nproc: int | None = None, **overrides) -> list[str]:
+    """``excite train`` arguments for TINY with ``overrides``, through a config file written beside ``out``."""
+    config = out.parent / f"{out.name}-config.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps({**TINY, "data": str(data), **overrides}))
+    launch = ["--nproc", str(nproc)] if nproc is not None else []
+    return ["train", "--config", str(config), "--out", str(out), *launch]
 
 
 def torchrun(script: Path, args: list[str], **extra_env: str) -> subprocess.CompletedProcess:
