@@ -184,6 +184,7 @@ def test_named_weights_set_the_runs_normalisation_and_crop_and_eval_uses_them(re
            "mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)" in out
     assert "resize the shorter side to 36, random 32x32 crop (validation: the centre crop, 0.875 of the side), " \
            "random horizontal flip; normalised with the given mean (0.485, 0.456, 0.406)" in out
+    assert "Input (the weights chose imagenet): " in out  # not "--preset auto chose": the weights did
     config = json.loads((run / "config.json").read_text())
     assert (config["preset"], config["img_size"], config["crop_pct"]) == ("imagenet", 32, 0.875)
     assert config["mean"] == IMAGENET_MEAN and config["std"] == IMAGENET_STD

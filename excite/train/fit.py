@@ -255,7 +255,7 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, place: Process
     directory.add_session(device, place)
     held.callback(run.finish_loggers)  # flushed however fit() ends; finish() below reports a success first
     run.begin(start_epoch, extra_loggers)
-    _log_header(log, config, requested, data, loaders.source(device), place, directory.path, device, run)
+    _log_header(log, config, requested, data, loaders.source(device), place, directory.path, device, run, weights)
     if checkpoint is not None:
         _explain_schedule(checkpoint, config, start_epoch, len(loaders.train), log)
 
@@ -300,7 +300,8 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, place: Process
 
 
 def _log_header(log: Callable[[str], None], config: TrainConfig, requested: TrainConfig, data: DataBundle,
-                source: str, place: Processes, run_dir: Path, device: torch.device, run: Run) -> None:
+                source: str, place: Processes, run_dir: Path, device: torch.device, run: Run,
+                weights: PretrainedWeights | None) -> None:
     if run.history or run.saved_at:
         log(f"Resuming {run_dir} from {run.saved_at}, to epoch {config.epochs}")
     if data.report.images:
@@ -312,7 +313,8 @@ def _log_header(log: Callable[[str], None], config: TrainConfig, requested: Trai
     where = f"{place.world_size} processes on {device.type}" if place.distributed else f"device {device}"
     log(f"Training {config.model} on {config.data}: {len(data.train)} train / {len(data.val)} val images, "
         f"{len(data.classes)} classes, {data.img_size}px, {where}, run directory {run_dir}")
-    preset_note = f" (--preset auto chose {data.preset})" if requested.preset == "auto" else ""
+    chooser = "the weights" if weights is not None and weights.preprocessing is not None else "--preset auto"
+    preset_note = f" ({chooser} chose {data.preset})" if requested.preset == "auto" else ""
     pipeline = describe_transform(data.preset, data.img_size, hflip=config.hflip, augment=config.augment,
                                   mean=config.mean, std=config.std, crop_pct=config.crop_pct)
     batches = f"; batch {data.batch_size} = {place.world_size} x {data.batch_size // place.world_size}" \
