@@ -182,6 +182,25 @@ def _model(config: TrainConfig, data: DataBundle, device: torch.device, weights:
     return model
 
 
+def _start_epoch(run: Run, epoch: int, partial: dict | None, loader) -> EpochProgress:
+    """Seed ``epoch``, freeze or unfreeze for it, and point ``loader`` at its first batch to train: the one after a
+    mid-epoch checkpoint's step (``partial``), whose random state is restored too."""
+    run.epoch = epoch
+    seed_everything(epoch_seed(run.config.seed, epoch))
+    progress = EpochProgress()
+    if partial is not None:  # finish the epoch a mid-epoch checkpoint stopped in
+        progress = run.resumed_progress(partial)
+        restore_rng_state(partial["rng"])
+    if freeze_note := apply_freeze(run.model, epoch, run.config):  # --freeze: a function of the epoch
+        run.log(freeze_note)
+    loader.set_epoch(epoch)
+    if progress.step > len(loader):  # files went missing since the mid-epoch checkpoint
+        run.log(f"The training set has shrunk since {run.run_dir / LAST} was saved at step {progress.step} of epoch "
+                f"{epoch}: that epoch ends there")
+    loader.set_epoch(epoch, start_batch=progress.step)
+    return progress
+
+
 def _quiet(line: str) -> None:
     """The log of processes other than 0: process 0 prints for all."""
 
@@ -249,10 +268,7 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, place: Process
     train_model = for_training(model, place, device, config.sync_bn, freezes)
     train_model = torch.compile(train_model) if config.compile else train_model
 
-    directory.create()
-    directory.write_config(config, requested)
-    directory.write_model(size)
-    directory.add_session(device, place)
+    directory.begin_session(config, requested, size, device, place)
     held.callback(run.finish_loggers)  # flushed however fit() ends; finish() below reports a success first
     run.begin(start_epoch, extra_loggers)
     _log_header(log, config, requested, data, loaders.source(device), place, directory.path, device, run, weights)
@@ -264,20 +280,8 @@ def _fit(config: TrainConfig, resume: bool, device: torch.device, place: Process
     mix = batch_mixer(len(data.classes), config.mixup, config.cutmix)
     with training_failures(run):
         for epoch in range(start_epoch, config.epochs + 1):
-            run.epoch = epoch
-            seed_everything(epoch_seed(config.seed, epoch))
-            progress = EpochProgress()
-            if partial is not None:  # finish the epoch a mid-epoch checkpoint stopped in
-                progress = run.resumed_progress(partial)
-                restore_rng_state(partial["rng"])
-                partial = None
-            if freeze_note := apply_freeze(model, epoch, config):  # --freeze: a function of the epoch
-                log(freeze_note)
-            loaders.train.set_epoch(epoch)
-            if progress.step > len(loaders.train):  # files went missing since the mid-epoch checkpoint
-                log(f"The training set has shrunk since {directory.path / LAST} was saved at step {progress.step} "
-                    f"of epoch {epoch}: that epoch ends there")
-            loaders.train.set_epoch(epoch, start_batch=progress.step)
+            progress = _start_epoch(run, epoch, partial, loaders.train)
+            partial = None
             train = train_one_epoch(train_model, loaders.train, optimizer, scheduler, precision, epoch=epoch,
                                     label_smoothing=config.label_smoothing, scaler=scaler, mix=mix, display=display,
                                     progress=progress, on_step=run.step_hook(on_step, epoch), processes=place,

@@ -145,6 +145,15 @@ class RunDirectory:
         if not self.locked:
             self._lock()
 
+    def begin_session(self, config: TrainConfig, requested: TrainConfig, size: dict, device: torch.device,
+                      place: Processes) -> None:
+        """Create and lock the directory if need be, and write what says what this session runs: config.json,
+        model.json and its entry in environment.json."""
+        self.create()
+        self.write_config(config, requested)
+        self.write_model(size)
+        self.add_session(device, place)
+
     def write_config(self, config: TrainConfig, requested: TrainConfig) -> None:
         """config.json: the resolved options, and under "requested" the values the user gave where they differ
         (kept from the first session on a resume, whose config is already resolved)."""
