@@ -45,7 +45,7 @@ def test_an_open_run_directory_is_locked_against_a_second_run(tmp_path):
 
 @pytest.mark.parametrize("overrides, size, expected", [
     ({}, 32, True), ({}, 224, False), ({"augment": "randaugment"}, 32, False), ({"cache_images": False}, 32, False),
-    ({"cache_images": True}, 224, True)])
+    ({"cache_images": True}, 224, True), ({"crop_pct": 0.875}, 32, False)])
 def test_the_image_cache_is_chosen_for_small_images_without_per_image_augmentation(overrides, size, expected):
     data = SimpleNamespace(train=[0] * 100, val=[0] * 20, img_size=size, preset="cifar" if size <= 64 else "imagenet")
     assert use_image_cache(TrainConfig(**overrides), data) is expected

@@ -47,9 +47,9 @@ def use_image_cache(config: TrainConfig, data: DataBundle) -> bool:
         return config.cache_images
     # For small images the per-image pipeline costs about as much as the model (on 2 CPU cores ResNet-20
     # trains on CIFAR-10 at 525 img/s from JPEG files, 753 img/s from the cache: bench/run_cache_cpu.sh);
-    # sets this small fit in memory on any device.
+    # sets this small fit in memory on any device. The cache resizes whole images: a --crop-pct needs the files.
     size = (len(data.train) + len(data.val)) * 3 * data.img_size ** 2
-    return data.preset == "cifar" and config.augment is None and size <= IMAGE_CACHE_LIMIT
+    return data.preset == "cifar" and config.augment is None and config.crop_pct is None and size <= IMAGE_CACHE_LIMIT
 
 
 def build_loaders(config: TrainConfig, data: DataBundle, device: torch.device,
