@@ -167,13 +167,15 @@ def test_without_onnx_packages_export_says_how_to_install_them(exported, tmp_pat
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_export_and_predict_onnx_agree_with_predict_on_a_trained_run(image_folder, tmp_path, capsys):
+# The run's own inputs, or those pretrained weights give it (their mean, std and centre crop).
+@pytest.mark.parametrize("inputs", [{}, {"mean": [0.3, 0.4, 0.5], "std": [0.2, 0.25, 0.3], "crop_pct": 0.8}])
+def test_export_and_predict_onnx_agree_with_predict_on_a_trained_run(inputs, image_folder, tmp_path, capsys):
     from excite.train.config import TrainConfig
     from excite.train.fit import fit
 
     config = TrainConfig(model="resnet20_cifar", model_kwargs={"layers": [1, 1, 1], "widths": [4, 8, 8]},
                          data=str(image_folder), out=str(tmp_path / "run"), epochs=2, batch_size=8, img_size=16,
-                         lr=0.05, seed=3, tta="flip", device="cpu")
+                         lr=0.05, seed=3, tta="flip", device="cpu", **inputs)
     run = fit(config, log=lambda *_: None, show_progress=False).run_dir
     status, out, err = run_cli(["export", str(run)], capsys)
     assert status == 0, err

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from excite import __version__
-from excite.data.transforms import NORMALIZATION
+from excite.data.transforms import input_options, normalization, resize_side
 from excite.errors import ExciteError, first_line
 from excite.inference import checkpoint_dir, load_for_inference, resolve_checkpoint
 from excite.io import atomic_write
@@ -100,7 +100,12 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike | None = None, for
 
 def export_metadata(checkpoint: dict, source: Path) -> dict:
     """What a runtime needs to use the exported model, and where it came from, as stored in the file."""
-    mean, std = NORMALIZATION[checkpoint["preset"]]
+    size, options = checkpoint["img_size"], input_options(checkpoint.get("config", {}))
+    mean, std = normalization(checkpoint["preset"], options["mean"], options["std"])
+    crop_pct = options["crop_pct"]
+    resize = (f"{size}x{size}, bilinear with antialiasing, aspect ratio not kept" if crop_pct is None else
+              f"shorter side to {resize_side(size, crop_pct)}, bilinear with antialiasing, then the centre "
+              f"{size}x{size} crop ({crop_pct:g} of the side)")
     return {
         "excite_version": __version__,
         "model_name": checkpoint["model_name"],
@@ -110,9 +115,7 @@ def export_metadata(checkpoint: dict, source: Path) -> dict:
         "preset": checkpoint["preset"],
         # The eval transform of excite.data.transforms.build_transform, spelt out for runtimes without excite.
         "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channels": "RGB",
-                  "resize": f"{checkpoint['img_size']}x{checkpoint['img_size']}, bilinear with antialiasing, "
-                            "aspect ratio not kept",
-                  "scale": "pixel / 255", "mean": list(mean), "std": list(std),
+                  "resize": resize, "crop_pct": crop_pct, "scale": "pixel / 255", "mean": list(mean), "std": list(std),
                   "normalize": "(scaled - mean) / std, per channel"},
         "output": {"name": OUTPUT_NAME, "meaning": "logits, one per class in the order of classes (softmax for "
                                                    "probabilities)"},

@@ -140,7 +140,9 @@ def predict_onnx(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
     check_predict_sizes(topk, batch_size)
     session, metadata = load_onnx(path)
     tta = resolve_tta(tta, metadata)
-    transform = build_transform(metadata["preset"], metadata["img_size"], train=False)
+    recorded = metadata.get("input", {})  # the mean and std it was normalised with, and any centre crop
+    transform = build_transform(metadata["preset"], metadata["img_size"], train=False, mean=recorded.get("mean"),
+                                std=recorded.get("std"), crop_pct=recorded.get("crop_pct"))
     forward = _forward(session)
     yield from classify(lambda images: predict_logits(forward, images, tta), inputs, metadata["classes"], transform,
                         topk=topk, batch_size=batch_size, log_error=log_error)
