@@ -19,7 +19,6 @@ the weights, the file and the folder to put it in.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -191,25 +190,13 @@ def _hf_hub_file(repo_id: str, filename: Optional[str], what: str) -> Path:
 def _excite_preprocessing(path: Path) -> Optional[Preprocessing]:
     """The preset, size and normalisation an excite weights file or checkpoint was trained with; None for any
     other file (a torchvision or timm state dict says nothing about its inputs)."""
-    from excite.data.transforms import INPUT_OPTIONS, PRESETS
+    from excite.data.transforms import INPUT_OPTIONS
+    from excite.train.checkpoint import load_checkpoint  # here: excite.train imports this package
 
     try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt", device="cpu") as f:
-                stored = {key: json.loads(value) for key, value in (f.metadata() or {}).items()
-                          if key in ("preset", "img_size", "config")}
-        else:
-            from excite.io import safe_torch_load
-
-            loaded = safe_torch_load(path)
-            stored = loaded if isinstance(loaded, dict) and loaded.get("format") == "excite-checkpoint" else {}
-    except Exception:  # noqa: BLE001 - not excite's file, or a damaged one: load_weights says what is wrong
+        stored = load_checkpoint(path)
+    except CheckpointError:  # not excite's file, or a damaged one: load_weights says what is wrong
         return None
-    preset, side, config = stored.get("preset"), stored.get("img_size"), stored.get("config")
-    if preset not in PRESETS or not isinstance(side, int):
-        return None
-    config = config if isinstance(config, dict) else {}
-    mean, std, crop_pct = (config.get(name) for name in INPUT_OPTIONS)
-    return Preprocessing(preset, side, tuple(mean) if mean else None, tuple(std) if std else None, crop_pct)
+    mean, std, crop_pct = (stored.get("config", {}).get(name) for name in INPUT_OPTIONS)
+    return Preprocessing(stored["preset"], stored["img_size"], tuple(mean) if mean else None,
+                         tuple(std) if std else None, crop_pct)
